@@ -1,0 +1,129 @@
+"""The teacher: load it from a checkpoint, or train it from the recipe (``kdcli train``).
+
+A teacher is either a kdcli model file (``.kdc``, which carries its own spec), or a user
+checkpoint read safely together with the recipe's model spec. Without a checkpoint, the
+recipe's ``teacher.train`` settings train one with the shared loop, and the result is written to
+the run directory as ``teacher.kdc`` so that a resumed run does not train it again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdcli import __version__
+from kdcli.console import Reporter
+from kdcli.data import DataBundle
+from kdcli.recipe import Recipe
+from kdcli.train import evaluate, fit, is_main_process, tensor_batches
+
+
+@dataclass
+class ModelInfo:
+    """What is needed to rebuild, describe and export a model besides its weights."""
+
+    name: str
+    args: dict
+    input_shape: tuple
+    num_classes: int
+    pruning_history: list = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+def data_metadata(data: DataBundle) -> dict:
+    return {"mean": list(data.mean), "std": list(data.std), "class_names": list(data.class_names),
+            "data": data.description}
+
+
+def save_model(path: Path, model: nn.Module, info: ModelInfo) -> None:
+    """Write a kdcli model file (rank 0 only)."""
+    from kdcli.checkpoint import save_model_file
+
+    if not is_main_process():
+        return
+    meta = {"kdcli_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info.metadata}
+    save_model_file(path, model, name=info.name, args=info.args, input_shape=list(info.input_shape),
+                    num_classes=info.num_classes, pruning_history=info.pruning_history, metadata=meta)
+
+
+def load_model_any(path: Path, *, spec_name: str | None, spec_args: dict | None, input_shape, num_classes,
+                   base_dir: Path, trust: bool = False) -> tuple[nn.Module, ModelInfo]:
+    """A kdcli model file, or a user checkpoint with the model spec that fits it."""
+    from kdcli.checkpoint import is_model_file, load_model, load_model_file
+    from kdcli.errors import CheckpointError
+
+    path = Path(path)
+    if is_model_file(path):
+        model, info = load_model_file(path, base_dir=base_dir)
+        spec = info["model"]
+        return model, ModelInfo(spec["name"], spec.get("args", {}), tuple(spec["input_shape"]),
+                                spec["num_classes"], list(info.get("pruning_history", [])),
+                                dict(info.get("metadata", {})))
+    if spec_name is None:
+        raise CheckpointError(f"{path}: not a kdcli model file, so a model spec is needed (recipe teacher.model or --model)")
+    model = load_model(spec_name, spec_args or {}, path, input_shape=input_shape, num_classes=num_classes,
+                       base_dir=base_dir, trust=trust)
+    return model, ModelInfo(spec_name, dict(spec_args or {}), tuple(input_shape), num_classes)
+
+
+def teacher_key(recipe: Recipe) -> str:
+    """A hash of what determines a trained teacher (seed, data, teacher spec): a run directory's
+    ``teacher.kdc`` is reused only when it matches."""
+    import hashlib
+    import json
+
+    blob = json.dumps([recipe.seed, recipe.data.model_dump(mode="json"), recipe.teacher.model_dump(mode="json")],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def train_teacher(recipe: Recipe, data: DataBundle, device: torch.device,
+                  reporter: Reporter) -> tuple[nn.Module, ModelInfo, dict]:
+    """Train the recipe's teacher from scratch with cross-entropy; returns model, info, metrics."""
+    from kdcli.models import build_model
+
+    torch.manual_seed(recipe.seed)
+    spec = recipe.teacher
+    model = build_model(spec.model, spec.model_args, input_shape=data.input_shape,
+                        num_classes=data.num_classes, base_dir=recipe.base_dir).to(device)
+    loader = data.loader("train", train=True, device=device, seed=recipe.seed)
+    val = tensor_batches(*data.eval_tensors("val", device))
+    reporter.info(f"training teacher {spec.model} for {spec.train.epochs} epochs on {data.description}")
+    res = fit(model, loader, spec.train, val_batches=val, device=device,
+              progress=lambda m: reporter.metrics("teacher", m))
+    metrics = {"val_accuracy": evaluate(model, val, device)["accuracy"], "train_seconds": res.seconds}
+    if data.test is not None:
+        metrics["test_accuracy"] = evaluate(model, tensor_batches(*data.eval_tensors("test", device)), device)["accuracy"]
+    info = ModelInfo(spec.model, dict(spec.model_args), tuple(data.input_shape), data.num_classes,
+                     metadata={**data_metadata(data), "recipe_sha256": recipe.sha256,
+                               "teacher_key": teacher_key(recipe), "metrics": metrics,
+                               "role": "teacher"})
+    return model, info, metrics
+
+
+def obtain_teacher(recipe: Recipe, data: DataBundle, device: torch.device, run_dir: Path,
+                   reporter: Reporter, trust: bool = False) -> tuple[nn.Module, ModelInfo]:
+    """The recipe's teacher: its checkpoint, the run directory's ``teacher.kdc``, or trained now."""
+    spec = recipe.teacher
+    if spec.checkpoint:
+        model, info = load_model_any(recipe.resolve(spec.checkpoint), spec_name=spec.model,
+                                     spec_args=spec.model_args, input_shape=data.input_shape,
+                                     num_classes=data.num_classes, base_dir=recipe.base_dir, trust=trust)
+        info.metadata = {**data_metadata(data), **info.metadata}
+        reporter.info(f"teacher: {spec.checkpoint} ({info.name})")
+        return model.to(device), info
+    cached = run_dir / "teacher.kdc"
+    if cached.exists():
+        model, info = load_model_any(cached, spec_name=None, spec_args=None, input_shape=data.input_shape,
+                                     num_classes=data.num_classes, base_dir=recipe.base_dir)
+        if info.metadata.get("teacher_key") == teacher_key(recipe):
+            reporter.info(f"teacher: reusing {cached}")
+            return model.to(device), info
+        reporter.info(f"teacher: {cached} was trained from another recipe; training again")
+    model, info, _ = train_teacher(recipe, data, device, reporter)
+    save_model(cached, model, info)
+    return model, info
