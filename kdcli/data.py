@@ -8,7 +8,7 @@ normalises whole batches with tensor ops on the target device (no worker process
 Sources: scikit-learn's bundled 8x8 ``digits`` (the default, no download), MNIST-style IDX
 files, the CIFAR-10 binary version, a folder of images with one sub-folder per class, a tensor
 file (``.pt`` read with ``weights_only=True``, or ``.npz``) and a user ``module:function``.
-The readers (end of the module) each return ``(train, test, class_names, what)``.
+The readers live in :mod:`kdcli.sources`.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class AugmentSpec(_Strict):
 class DataSpec(_Strict):
     """The recipe's ``data:`` section."""
 
-    source: Union[Literal["digits"], SourceSpec] = "digits"
+    source: SourceSpec = Field(default_factory=DigitsSource)
     val_fraction: float = Field(0.1, ge=0, le=0.9)
     normalize: Union[Literal["auto", "none"], NormalizeStats] = "auto"
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
@@ -129,6 +129,13 @@ class DataSpec(_Strict):
     eval_batch_size: int = Field(512, ge=1)
     limit_train: int | None = Field(None, ge=1)
     limit_eval: int | None = Field(None, ge=1)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _bare_kind(cls, v):
+        # `source: digits` is shorthand for {kind: digits}; going through the tagged union (not a
+        # Literal alternative) makes `{kind: idx}` without a path report the missing field.
+        return {"kind": v} if isinstance(v, str) else v
 
     @property
     def source_spec(self):
@@ -341,6 +348,8 @@ class DataBundle:
 def load_data(spec: DataSpec, *, base_dir: Path, seed: int) -> DataBundle:
     """Read the source of ``spec``, split off validation with ``seed``, apply the limits and compute
     the normalisation. Relative paths resolve against ``base_dir`` (the recipe's folder)."""
+    from kdcli.sources import read_source  # the readers import this module's specs
+
     train, test, names, what = read_source(spec.source_spec, Path(base_dir))
     num_classes = _check_labels(train, test, names, what)
     if not names:

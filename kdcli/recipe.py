@@ -235,6 +235,7 @@ def _clean_loc(loc: tuple) -> tuple:
 
 
 _TAGS = {"kd", "ce", "dkd", "hint", "at", "fsp", "ab", "vid", "str", "int", "float", "bool",
+         "digits", "idx", "cifar10-bin", "image-folder", "tensors", "python",
          "list[str]", "dict[str,any]", "literal['pruned-teacher']", "none"}
 
 
@@ -293,7 +294,9 @@ def parse_recipe(text: str, source: str = "<recipe>", path: Path | None = None,
         elif err["type"] == "missing":
             msg = "required field missing"
         got = err.get("input")
-        suffix = f" (got {got!r})" if err["type"] not in ("extra_forbidden", "missing") and not isinstance(got, dict | list) else ""
+        # value_error messages come from our validators, which quote the value themselves
+        suffix = (f" (got {got!r})" if err["type"] not in ("extra_forbidden", "missing", "value_error")
+                  and not isinstance(got, dict | list) else "")
         more = f" [and {len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
         raise RecipeError(f"{where}: {field}: {msg}{suffix}{more}") from None
     recipe._path = path

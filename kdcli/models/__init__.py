@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kdcli.errors import ModelError
+from kdcli.errors import InputError, ModelError
 
 BUILTIN = {
     "mlp": ("kdcli.models.zoo", "mlp"),
@@ -30,7 +30,45 @@ BUILTIN = {
 
 
 def builtin_names() -> list[str]:
+    """The names of the built-in architectures, sorted."""
     return sorted(BUILTIN)
+
+
+def import_callable(spec: str, base_dir: Path | None = None, *, label: str = "model",
+                    error: type[InputError] = ModelError) -> Callable[..., Any]:
+    """Import the callable named by ``package.module:attr`` or ``path/to/file.py:attr``.
+
+    Relative file paths resolve against ``base_dir`` (the recipe's folder). Failures raise
+    ``error`` with a one-line message starting ``{label} {spec!r}:``. Shared by model factories
+    and ``python`` data sources.
+    """
+    if ":" not in spec:
+        raise error(f"{label} {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'")
+    target, attr = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        if not path.is_file():
+            raise error(f"{label} {spec!r}: file {path} not found")
+        mod_name = f"kdcli_user_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[mod_name]
+            raise error(f"{label} {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise error(f"{label} {spec!r}: cannot import module {target!r} ({exc})") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise error(f"{label} {spec!r}: {target} has no callable {attr!r}")
+    return fn
 
 
 def resolve_factory(name: str, base_dir: Path | None = None) -> tuple[Callable[..., Any], bool]:
@@ -47,31 +85,7 @@ def resolve_factory(name: str, base_dir: Path | None = None) -> tuple[Callable[.
             f"model {name!r}: expected a built-in ({', '.join(builtin_names())}), "
             "'package.module:factory' or 'path/to/file.py:factory'"
         )
-    target, attr = name.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_absolute() and base_dir is not None:
-            path = Path(base_dir) / path
-        if not path.is_file():
-            raise ModelError(f"model {name!r}: file {path} not found")
-        mod_name = f"kdcli_user_{abs(hash(str(path.resolve())))}"
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            del sys.modules[mod_name]
-            raise ModelError(f"model {name!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise ModelError(f"model {name!r}: cannot import module {target!r} ({exc})") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelError(f"model {name!r}: {target} has no callable {attr!r}")
-    return factory, False
+    return import_callable(name, base_dir), False
 
 
 def build_model(name: str, args: dict | None = None, *, input_shape: Sequence[int],
