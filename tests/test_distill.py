@@ -1,0 +1,232 @@
+"""The Distiller: layer resolution, adapters, gradients, λ, the teacher cache, granularity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdcli.distill import Distiller
+from kdcli.errors import InputError
+from kdcli.granularity import GranularityMap, LayerGranularity
+from kdcli.losses.spec import AB, AT, CE, DKD, FSP, KD, VID, Hint
+from kdcli.models import build_model
+from kdcli.taps import FeatureTaps, auto_layers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP threads spinning for cores
+    made these small steps 10-50x slower (0.3 s -> 35 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cnn3(widths, hidden=32, shape=(3, 16, 16)):
+    return build_model("cnn3", {"widths": list(widths), "hidden": hidden}, input_shape=shape, num_classes=10)
+
+
+def sgd(d: Distiller, lr=0.05):
+    return torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+
+
+def steps(d: Distiller, x, y, n, lr=0.05):
+    opt, losses = sgd(d, lr), []
+    d.train()
+    for _ in range(n):
+        loss, _, _ = d(x, y, torch.arange(len(x)))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in d.parameters() if p.requires_grad], 5.0)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_auto_layers_rule_on_zoo():
+    x32, x28 = torch.zeros(2, 3, 32, 32), torch.zeros(2, 1, 28, 28)
+    assert auto_layers(build_model("resnet20", {}, input_shape=(3, 32, 32), num_classes=10), x32) == \
+        ["layer1", "layer2", "layer3"]
+    assert auto_layers(cnn3((8, 8, 8), shape=(3, 32, 32)), x32) == ["conv1", "conv2", "conv3"]
+    assert auto_layers(build_model("mlp", {"hidden": [20, 20], "dropout": 0.1}, input_shape=(1, 28, 28),
+                                   num_classes=10), x28) == ["features.2", "features.5"]
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 11 * 11, 10))
+    assert auto_layers(plain, x28) == ["1", "4"]
+
+
+def test_unknown_layer_is_input_error_naming_field():
+    t, s = cnn3((8, 8, 8)), cnn3((4, 4, 4))
+    with pytest.raises(InputError, match=r"distill.losses\[1\].student_layers: no module 'nope' in the student; "
+                                         r"top-level modules are: conv1, conv2, conv3, fc1, fc2"):
+        Distiller(t, s, [KD(), Hint(student_layers=["nope"], teacher_layers=["conv1"])], torch.zeros(2, 3, 16, 16))
+
+
+def test_gradients_reach_student_and_adapters_never_teacher():
+    torch.manual_seed(0)
+    t, s = cnn3((16, 16, 16)), cnn3((4, 8, 8))
+    s_keys = set(s.state_dict())
+    d = Distiller(t, s, [KD(), CE(), DKD(), Hint(), AT(), FSP(), AB(), VID(pairing="all-to-all", lambda_="learned")],
+                  torch.zeros(2, 3, 16, 16))
+    d.train()
+    assert not t.training and s.training
+    loss, logits, parts = d(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))
+    loss.backward()
+    assert logits.shape == (4, 10)
+    assert set(parts) == {"kd", "ce", "dkd", "hint", "at", "fsp", "ab", "vid"}
+    assert sum(parts.values()).item() == pytest.approx(loss.item(), rel=1e-5)  # all weights 1
+    assert all(p.grad is None for p in t.parameters())
+    assert all(p.grad is not None for p in s.parameters())
+    adapters = d.adapter_parameters()
+    assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+    assert set(s.state_dict()) == s_keys  # adapters are not part of the student
+    assert not s._forward_hooks and not any(m._forward_hooks for m in s.modules())  # taps removed
+
+
+def test_adapters_bridge_different_architectures():
+    torch.manual_seed(0)
+    t = build_model("resnet20", {}, input_shape=(3, 32, 32), num_classes=10)
+    s = cnn3((16, 32, 64), shape=(3, 32, 32))
+    d = Distiller(t, s, [Hint(), VID()], torch.zeros(2, 3, 32, 32))
+    hint, vid = d.terms
+    assert hint.pairs == [("layer1", "conv1"), ("layer2", "conv2"), ("layer3", "conv3")]
+    # resnet20 stages are 32/16/8 px, cnn3's 16/8/4: transposed convs upsample by 2
+    assert all(isinstance(r, nn.ConvTranspose2d) and r.stride == (2, 2) for r in hint.regressors)
+    assert [r.out_channels for r in hint.regressors] == [16, 32, 64]
+    assert torch.equal(d.lambda_matrix(), torch.eye(3))
+
+
+@pytest.mark.parametrize("pair", ["cnn3", "mlp", "resnet-cnn3"])
+def test_distiller_trains_across_architectures(pair):
+    torch.manual_seed(0)
+    if pair == "cnn3":
+        t, s, shape = cnn3((64, 128, 256)), cnn3((16, 32, 64)), (3, 16, 16)
+    elif pair == "mlp":
+        shape = (1, 28, 28)
+        t = build_model("mlp", {"hidden": [1200, 1200]}, input_shape=shape, num_classes=10)
+        s = build_model("mlp", {"hidden": [800, 800]}, input_shape=shape, num_classes=10)
+    else:
+        shape = (3, 32, 32)
+        t = build_model("resnet20", {}, input_shape=shape, num_classes=10)
+        s = cnn3((8, 16, 32), shape=shape)
+    x, y = torch.randn(8, *shape), torch.randint(0, 10, (8,))
+    pairing = "all-to-all" if pair == "resnet-cnn3" else "pairwise"
+    d = Distiller(t, s, [KD(weight=0.9), CE(weight=0.1), Hint(weight=0.1), VID(weight=0.01, pairing=pairing)], x[:2])
+    losses = steps(d, x, y, 8, lr=0.02)
+    assert losses[-1] < losses[0]
+
+
+def test_learned_lambda_stays_a_distribution():
+    torch.manual_seed(0)
+    t, s = cnn3((8, 16, 16)), nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                           nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    d = Distiller(t, s, [CE(), VID(pairing="all-to-all", lambda_="learned")], torch.zeros(2, 3, 16, 16))
+    lam0 = d.lambda_matrix()
+    assert lam0.shape == (3, 2) and torch.allclose(lam0, torch.full((3, 2), 1 / 3))
+    steps(d, torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)), 5, lr=0.5)
+    lam = d.lambda_matrix()
+    assert not torch.allclose(lam, lam0)  # it learned
+    assert torch.allclose(lam.sum(0), torch.ones(2), atol=1e-6) and (lam >= 0).all()
+
+
+def test_teacher_cache_skips_teacher_and_gives_identical_losses():
+    torch.manual_seed(0)
+    t, s = cnn3((8, 16, 16)), cnn3((4, 8, 8))
+    calls = []
+    t.register_forward_hook(lambda *a: calls.append(1))
+    d = Distiller(t, s, [KD(), CE(), AT(), Hint()], torch.zeros(2, 3, 16, 16))
+    d.eval()  # no BatchNorm updates in the student, so both passes see the same student
+    d.enable_teacher_cache(12)
+    x, y = torch.randn(12, 3, 16, 16), torch.randint(0, 10, (12,))
+    batches = [torch.tensor([3, 7, 0, 11]), torch.tensor([1, 2, 4, 5, 6, 8, 9, 10])]
+    calls.clear()
+    first = [d(x[i], y[i], i)[2] for i in batches]
+    assert len(calls) == 2
+    second = [d(x[i], y[i], i)[2] for i in reversed(batches)][::-1]
+    assert len(calls) == 2  # no teacher forward on the second pass
+    for a, b in zip(first, second):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the cached targets equal a fresh teacher pass (float32: whole cache fits the budget)
+    fresh = d.teacher_targets(x[batches[0]])["logits"]
+    assert torch.allclose(d._cache._read(batches[0])["logits"], fresh)
+
+
+def test_teacher_cache_float16_and_off_when_over_budget():
+    t, s = cnn3((8, 16, 16)), cnn3((4, 8, 8))
+    d = Distiller(t, s, [KD(), Hint()], torch.zeros(2, 3, 16, 16))
+    per_sample = 4 * (10 + 8 * 8 * 8 + 16 * 4 * 4 + 16 * 2 * 2)  # float32 bytes: logits + 3 hints
+    d.enable_teacher_cache(100, max_bytes=per_sample * 100 - 1)
+    d(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long), torch.arange(4))
+    assert d._cache.store["hint.t0"].dtype == torch.float16 and d._cache.store["logits"].dtype == torch.float32
+    d.enable_teacher_cache(100, max_bytes=1000)
+    d(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long), torch.arange(4))
+    assert d._cache.store is None and "teacher cache off" in d.cache_note
+
+
+class TwoConv(nn.Module):
+    """A model whose tapped layer ``conv`` has 4 channels we can change one at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+
+    def forward(self, x):
+        return self.head(self.conv(x))
+
+
+def test_granularity_weighting_in_distiller():
+    torch.manual_seed(0)
+    t, s = TwoConv(), TwoConv()
+    gmap = GranularityMap({"conv": LayerGranularity([0.1, 0.9, 0.5, 0.2], [False, False, True, False],
+                                                    [1.0, 0.0, 1.0, 1.0])})
+    spec = Hint(teacher_layers=["conv"], student_layers=["conv"], granularity=True)
+    d = Distiller(t, s, [spec], torch.zeros(2, 3, 4, 4), granularity=gmap)
+    reg = d.terms[0].regressors[0]
+    with torch.no_grad():  # identity regressor: student channel k is compared with teacher channel k
+        reg.weight.copy_(torch.eye(4)[:, :, None, None])
+        reg.bias.zero_()
+    x = torch.randn(5, 3, 4, 4)
+    base = d(x, None)[0].item()
+    with torch.no_grad():
+        s.conv.weight[1] += 1.0  # student feature channel 1 only (weight 0)
+    assert d(x, None)[0].item() == pytest.approx(base, rel=1e-6)
+    with torch.no_grad():
+        s.conv.weight[0] += 1.0  # channel 0 counts
+    assert d(x, None)[0].item() != pytest.approx(base, rel=1e-3)
+    bad = GranularityMap({"conv": LayerGranularity([0.0] * 3, [False] * 3, [1.0] * 3)})
+    with pytest.raises(InputError, match="granularity map layer 'conv' has 3 features"):
+        Distiller(t, s, [spec], torch.zeros(2, 3, 4, 4), granularity=bad)
+
+
+def test_feature_taps_clone_under_inplace_relu():
+    m = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(inplace=True))
+    with torch.no_grad():
+        m[0].weight.fill_(-1.0)
+        m[0].bias.zero_()
+    with FeatureTaps(m, ["0"]) as taps:
+        m(torch.ones(1, 1, 2, 2))
+    assert (taps.get("0") < 0).all()  # the pre-ReLU values, not overwritten by the in-place ReLU
+    assert not m[0]._forward_hooks
+
+
+def test_fit_integration_with_batch_loader():
+    from kdcli.data import BatchLoader, TensorData
+    from kdcli.recipe import TrainSpec
+    from kdcli.train import fit
+
+    torch.manual_seed(0)
+    data = TensorData(torch.randint(0, 255, (64, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (64,)))
+    loader = BatchLoader(data, batch_size=16, train=True, mean=[0.5], std=[0.25], scale=1 / 255)
+    t = build_model("mlp", {"hidden": [64]}, input_shape=(1, 8, 8), num_classes=10)
+    s = build_model("mlp", {"hidden": [16]}, input_shape=(1, 8, 8), num_classes=10)
+    d = Distiller(t, s, [KD(), CE(), VID(weight=0.01)], torch.zeros(2, 1, 8, 8))
+    d.enable_teacher_cache(len(data))
+    calls = []
+    t.register_forward_hook(lambda *a: calls.append(1))
+    res = fit(s, loader, TrainSpec(epochs=2, lr=0.05), objective=d, extra_modules=[d], before_epoch=d.set_epoch)
+    assert len(calls) == 4  # epoch 1 only: 4 batches
+    assert "4 hits / 0 misses" in d.cache_note  # epoch 2 read every batch from the cache
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
