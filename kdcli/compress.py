@@ -149,8 +149,16 @@ class RunDir:
             raise InputError(f"{self.path / 'state.json'}: unreadable run state ({exc})") from None
 
 
-def start_run(recipe_path: Path | None, *, out_dir: Path | None = None, overrides=(), recipe_text: str | None = None) -> tuple[Recipe, Path]:
-    """Validate the recipe and prepare a fresh run directory (refusing to overwrite a run)."""
+_RUN_FILES = ("state.json", "run.json", "metrics.jsonl", "result.json", "student.kdc")
+
+
+def start_run(recipe_path: Path | None, *, out_dir: Path | None = None, overrides=(), recipe_text: str | None = None,
+              overwrite: bool = False) -> tuple[Recipe, Path]:
+    """Validate the recipe and prepare a fresh run directory.
+
+    A directory that holds an earlier run is refused unless ``overwrite``; then that run's state,
+    steps and student are removed (a ``teacher.kdc`` stays: it is reused only if it was trained
+    from the same seed, data and teacher spec)."""
     if recipe_text is None:
         recipe = load_recipe(recipe_path, overrides)
         recipe_text = Path(recipe_path).read_text()
@@ -158,8 +166,14 @@ def start_run(recipe_path: Path | None, *, out_dir: Path | None = None, override
         recipe = parse_recipe(recipe_text, str(recipe_path), recipe_path, overrides)
     run_dir = Path(out_dir) if out_dir else recipe.default_out_dir()
     if (run_dir / "state.json").exists() or (run_dir / "run.json").exists():
-        raise InputError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} "
-                         "or choose another directory with --out")
+        if not overwrite:
+            raise InputError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, "
+                             "start afresh with --overwrite, or choose another directory with --out")
+        import shutil
+
+        for name in _RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "steps", ignore_errors=True)
     rd = RunDir(run_dir)
     rd.write_text("recipe.yaml", recipe_text)
     rd.write_json("run.json", {"recipe_path": str(Path(recipe_path).resolve()) if recipe_path else None,
@@ -307,7 +321,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         student, sinfo = _load_student(rd.path / chosen, recipe, data, device)
     s_macs, s_params = _resources(student, example)
     s_val = evaluate(student, val, device)["accuracy"]
-    student_summary = {"file": "student.kdc", "from": chosen, "macs": s_macs, "params": s_params,
+    student_summary = {"model": sinfo.name, "file": "student.kdc", "from": chosen, "macs": s_macs, "params": s_params,
                        "val_accuracy": s_val, "macs_ratio": s_macs / t_macs, "params_ratio": s_params / t_params}
     if test is not None:
         student_summary["test_accuracy"] = evaluate(student, test, device)["accuracy"]
@@ -321,26 +335,24 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         failures.append(f"accuracy drop {100 * (t_val - s_val):.2f} pt > max_accuracy_drop {100 * budget:.2f} pt")
     result = CompressResult(rd.path, teacher_summary, student_summary, state.records, not failures, failures)
 
-    from kdcli.compress_report import write_compress_report
-
-    write_compress_report(result, rd.path)
     if do_export if do_export is not None else recipe.export.enabled:
         from kdcli.export import run_export
 
         x_eval, y_eval = data.eval_tensors("test" if data.test is not None else "val", torch.device("cpu"))
-        try:
-            result.export = run_export(
-                student.cpu(), _export_info(sinfo, data), rd.path / "export", teacher=teacher.cpu(),
-                teacher_info=_export_info(tinfo, data), x_eval=x_eval, y_eval=y_eval,
-                batch_sizes=tuple(recipe.export.batch_sizes), opset=recipe.export.opset, gates=[],
-                time_budget_s=recipe.export.latency_budget_s)
-        except GateError:
-            raise
+        result.export = run_export(
+            student.cpu(), _export_info(sinfo, data), rd.path / "export", teacher=teacher.cpu(),
+            teacher_info=_export_info(tinfo, data), x_eval=x_eval, y_eval=y_eval,
+            batch_sizes=tuple(recipe.export.batch_sizes), opset=recipe.export.opset, gates=[],
+            time_budget_s=recipe.export.latency_budget_s)
         from kdcli.gates import check_gates
 
         failures += check_gates(result.export, recipe.export.fail_if)
         result.gate_failures = failures
     rd.write_json("result.json", result.to_json())
+    if is_main_process():
+        from kdcli.compress_report import write_compress_report
+
+        write_compress_report(result, rd.path)
     return result
 
 

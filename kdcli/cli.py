@@ -1,0 +1,390 @@
+"""The ``kdcli`` command line: argument parsing, console output and exit codes. No ML logic.
+
+Each command is a thin shell over a library function (``kdcli.compress.compress``,
+``kdcli.export.run_export``, ``kdcli.analysis.analyze``, ...). Heavy imports (torch, onnx)
+happen inside command bodies so that ``kdcli --help`` answers fast.
+
+Exit codes: 0 ok, 1 unexpected failure, 2 bad input or usage, 3 a quality gate was not met,
+130 interrupted. Errors print one line (``error: ...``) and no traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from kdcli import __version__
+from kdcli.errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, GateError, InputError, KdcliError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Compress trained PyTorch models: knowledge distillation and structured pruning, "
+                       "exported to verified ONNX.")
+recipe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Work with recipe files.")
+app.add_typer(recipe_app, name="recipe")
+
+# Options shared by the commands. Typer reads defaults from these objects.
+DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: the recipe's, else auto).")
+JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (progress stays on stderr).")
+DEBUG = typer.Option(False, "--debug", help="Show tracebacks of errors.")
+SET = typer.Option(None, "--set", help="Override a recipe value: KEY.PATH=VALUE (YAML), e.g. prune.steps=2. Repeatable.")
+TRUST = typer.Option(False, "--trust-checkpoint",
+                     help="Allow checkpoints holding pickled objects (a whole nn.Module). Loading such a file "
+                          "RUNS CODE from it: use only for files from a source you trust.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kdcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")) -> None:
+    """kdcli: analyze, compress (distil + prune) and export PyTorch models."""
+
+
+def _command(fn: Callable) -> Callable:
+    """Run a command body, mapping kdcli errors to one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KdcliError as exc:
+            if debug:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            hint = getattr(wrapper, "_resume_hint", None)
+            typer.echo("interrupted" + (f"; continue with: {hint}" if hint else ""), err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:  # an unexpected failure: one line, the traceback behind --debug
+            if debug:
+                raise
+            typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+                       err=True)
+            raise typer.Exit(EXIT_UNEXPECTED) from None
+
+    return wrapper
+
+
+def _reporter(json_out: bool):
+    from kdcli.console import Reporter
+
+    return Reporter(quiet=json_out)
+
+
+def _emit_json(obj: Any) -> None:
+    from kdcli.run import _json_default
+
+    typer.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _device(name: Optional[str], recipe=None):
+    from kdcli.recipe import check_device_string
+    from kdcli.train import resolve_device
+
+    name = name or (recipe.device if recipe is not None else "auto")
+    try:
+        check_device_string(name)
+    except ValueError as exc:
+        raise InputError(f"--device: {exc}") from None
+    return resolve_device(name)
+
+
+def _recipe_path(recipe: Optional[Path]) -> Path:
+    if recipe is not None:
+        return recipe
+    from kdcli.recipe import builtin_recipe_path
+
+    return builtin_recipe_path("quickstart")
+
+
+# --------------------------------------------------------------------------------------- recipe
+
+
+@recipe_app.command("validate")
+@_command
+def recipe_validate(file: Path = typer.Argument(..., help="Recipe YAML file."),
+                    set_: Optional[List[str]] = SET, json_out: bool = JSON, debug: bool = DEBUG) -> None:
+    """Check a recipe: unknown keys, wrong types and impossible values name the file, line and field."""
+    from kdcli.recipe import load_recipe
+
+    recipe = load_recipe(file, set_ or ())
+    if json_out:
+        _emit_json({"file": str(file), "valid": True, "recipe": recipe.model_dump(mode="json", by_alias=True)})
+    else:
+        typer.echo(f"{file}: valid")
+
+
+@recipe_app.command("show")
+@_command
+def recipe_show(name: str = typer.Argument("quickstart", help="A built-in recipe name."),
+                debug: bool = DEBUG) -> None:
+    """Print a built-in recipe (a starting point to copy and edit)."""
+    from kdcli.recipe import builtin_recipe_path
+
+    path = builtin_recipe_path(name)
+    if not path.is_file():
+        raise InputError(f"no built-in recipe {name!r}; try quickstart")
+    typer.echo(path.read_text(), nl=False)
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+@app.command()
+@_command
+def train(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default: the built-in quickstart)."),
+          out: Path = typer.Option(None, "--out", help="Where to write teacher.kdc (default: runs/<recipe>/teacher.kdc)."),
+          device: Optional[str] = DEVICE, set_: Optional[List[str]] = SET,
+          json_out: bool = JSON, debug: bool = DEBUG) -> None:
+    """Train the recipe's teacher from scratch (for users and demos that have no trained model)."""
+    from kdcli.data import load_data
+    from kdcli.recipe import load_recipe
+    from kdcli.teacher import save_model, train_teacher
+
+    rec = load_recipe(_recipe_path(recipe), set_ or ())
+    dev = _device(device, rec)
+    rep = _reporter(json_out)
+    data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)
+    rep.info(f"data: {data.description}")
+    model, info, metrics = train_teacher(rec, data, dev, rep)
+    path = out if out is not None else rec.default_out_dir() / "teacher.kdc"
+    if path.suffix != ".kdc":
+        path = path / "teacher.kdc"
+    save_model(path, model, info)
+    result = {"teacher": str(path), "model": info.name, **metrics}
+    if json_out:
+        _emit_json(result)
+    else:
+        acc = " ".join(f"{k.replace('_accuracy', '')} {100 * v:.2f}%" for k, v in metrics.items() if k.endswith("accuracy"))
+        rep.info(f"teacher written to {path} ({acc}, {metrics['train_seconds']:.1f}s)")
+
+
+# ------------------------------------------------------------------------------------- compress
+
+
+@app.command()
+@_command
+def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default: the built-in quickstart)."),
+             resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory after its last finished step."),
+             out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: the recipe's out_dir, else runs/<recipe name>)."),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a run directory that holds an earlier run (its files are replaced)."),
+             no_export: bool = typer.Option(False, "--no-export", help="Skip the ONNX export and latency report."),
+             device: Optional[str] = DEVICE, set_: Optional[List[str]] = SET, trust: bool = TRUST,
+             json_out: bool = JSON, debug: bool = DEBUG) -> None:
+    """DKDP: prune structurally and distil the teacher into the student until the recipe's target is met."""
+    from kdcli.compress import compress as run_compress
+    from kdcli.compress import resume_recipe, start_run
+
+    if resume is not None:
+        if recipe is not None or set_:
+            raise InputError("--resume continues a run with its own recipe: give no RECIPE or --set with it")
+        rec, run_dir = resume_recipe(resume), resume
+    else:
+        rec, run_dir = start_run(_recipe_path(recipe), out_dir=out, overrides=set_ or (), overwrite=overwrite)
+    compress._resume_hint = f"kdcli compress --resume {run_dir}"
+    dev = _device(device, rec)
+    rep = _reporter(json_out)
+    rep.info(f"run directory: {run_dir}  device: {dev}")
+    result = run_compress(rec, run_dir, device=dev, reporter=rep, trust=trust,
+                          do_export=False if no_export else None)
+    if json_out:
+        _emit_json(result.to_json())
+    else:
+        from kdcli.compress_report import summary_table
+
+        rep.print_renderable(summary_table(result))
+        rep.info(f"student: {Path(run_dir) / 'student.kdc'}   report: {Path(run_dir) / 'compress_report.html'}")
+    if result.gate_failures:
+        raise GateError("; ".join(result.gate_failures))
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+def _split_ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v < 1 for v in vals):
+        raise InputError(f"{what}: expected positive integers separated by commas, e.g. 1,64; got {text!r}")
+    return vals
+
+
+INPUT_SHAPE = typer.Option(None, "--input-shape", help="Input shape of a plain checkpoint's model without batch, e.g. 3,32,32 (else from --recipe).")
+NUM_CLASSES = typer.Option(None, "--num-classes", help="Number of classes of a plain checkpoint's model (else from --recipe).")
+
+
+def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional[str], data, trust: bool,
+                     input_shape_flag: Optional[str] = None, num_classes_flag: Optional[int] = None):
+    from kdcli.checkpoint import is_model_file
+    from kdcli.teacher import load_model_any
+
+    if not Path(path).exists():
+        raise InputError(f"{path}: file not found")
+
+    args = {}
+    if model_args:
+        try:
+            args = json.loads(model_args)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--model-args: not valid JSON ({exc.msg})") from None
+        if not isinstance(args, dict):
+            raise InputError("--model-args: expected a JSON object, e.g. '{\"hidden\": [128]}'")
+    name = model or (rec.teacher.model if rec is not None else None)
+    if model is None and rec is not None:
+        args = dict(rec.teacher.model_args)
+    input_shape = data.input_shape if data is not None else None
+    num_classes = data.num_classes if data is not None else None
+    if input_shape_flag:
+        input_shape = tuple(_split_ints(input_shape_flag, "--input-shape"))
+    if num_classes_flag is not None:
+        num_classes = num_classes_flag
+    if not is_model_file(path):
+        if name is None:
+            raise InputError(f"{path}: not a kdcli model file (.kdc), so it needs a model spec: --model NAME or --recipe")
+        if input_shape is None or num_classes is None:
+            raise InputError(f"{path}: a plain checkpoint needs the model's input: --input-shape C,H,W and "
+                             "--num-classes N, or --recipe (whose data gives both)")
+    base = rec.base_dir if rec is not None else Path.cwd()
+    return load_model_any(path, spec_name=name, spec_args=args, input_shape=input_shape,
+                          num_classes=num_classes, base_dir=base, trust=trust)
+
+
+@app.command()
+@_command
+def export(student: Path = typer.Argument(..., help="A kdcli model file (student.kdc), or a checkpoint with --model/--recipe."),
+           teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher model file or checkpoint, measured alongside."),
+           recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe: its data for accuracy and verification, its model spec and export settings."),
+           model: Optional[str] = typer.Option(None, "--model", help="Model spec for a plain checkpoint: built-in name, pkg.mod:factory or file.py:factory."),
+           model_args: Optional[str] = typer.Option(None, "--model-args", help="JSON keyword arguments of --model."),
+           out: Path = typer.Option(Path("export"), "--out", help="Output directory for the .onnx files and reports."),
+           batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes to time (default 1,64)."),
+           opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18)."),
+           fail_if: Optional[List[str]] = typer.Option(None, "--fail-if", help="A CI gate, e.g. \"accuracy_drop > 0.5\" or \"speedup < 2\"; exit 3 when true. Repeatable."),
+           input_shape: Optional[str] = INPUT_SHAPE, num_classes: Optional[int] = NUM_CLASSES, trust: bool = TRUST, json_out: bool = JSON, debug: bool = DEBUG) -> None:
+    """Export to ONNX, verify against PyTorch in onnxruntime, and report latency and accuracy."""
+    import torch
+
+    from kdcli.export import run_export
+    from kdcli.recipe import load_recipe
+
+    rec = load_recipe(recipe) if recipe is not None else None
+    rep = _reporter(json_out)
+    data = None
+    if rec is not None:
+        from kdcli.data import load_data
+
+        data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)
+    s_model, s_info = _load_for_export(student, rec, model, model_args, data, trust, input_shape, num_classes)
+    t_model = t_info = None
+    if teacher is not None:
+        t_model, t_info = _load_for_export(teacher, rec, None if rec is not None else model,
+                                           None if rec is not None else model_args, data, trust,
+                                           input_shape, num_classes)
+    x_eval = y_eval = None
+    if data is not None:
+        split = "test" if data.test is not None else "val"
+        x_eval, y_eval = data.eval_tensors(split, torch.device("cpu"))
+    exp = rec.export if rec is not None else None
+    bs = _split_ints(batch_sizes, "--batch-sizes") if batch_sizes else (list(exp.batch_sizes) if exp else [1, 64])
+    gates = list(fail_if or []) or (list(exp.fail_if) if exp else [])
+    report = run_export(s_model.cpu().eval(), _info_dict(s_info, data), out, teacher=None if t_model is None else t_model.cpu().eval(),
+                        teacher_info=None if t_info is None else _info_dict(t_info, data), x_eval=x_eval, y_eval=y_eval,
+                        batch_sizes=tuple(bs), opset=opset or (exp.opset if exp else 18), gates=[],
+                        time_budget_s=exp.latency_budget_s if exp else 2.0)
+    from kdcli.gates import check_gates
+
+    failures = check_gates(report, gates)
+    if json_out:
+        _emit_json({**report, "gate_failures": failures})
+    else:
+        from kdcli.report import summary_table
+
+        rep.print_renderable(summary_table(report))
+        rep.info(f"written: {out / 'student.onnx'}, {out / 'report.md'}, {out / 'report.html'}")
+    if failures:
+        raise GateError("; ".join(failures))
+
+
+def _info_dict(info, data) -> dict:
+    meta = info.metadata or {}
+    return {"name": info.name, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
+            "mean": list(data.mean) if data is not None else meta.get("mean"),
+            "std": list(data.std) if data is not None else meta.get("std"),
+            "class_names": list(data.class_names) if data is not None else meta.get("class_names")}
+
+
+# -------------------------------------------------------------------------------------- analyze
+
+
+@app.command()
+@_command
+def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or a checkpoint with --model/--recipe."),
+            recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe: model spec, data and analyze settings."),
+            data_flag: Optional[str] = typer.Option(None, "--data", help="Data for the data-driven figures: digits, or KIND:PATH (idx:DIR, cifar10-bin:DIR, tensors:FILE, image-folder:DIR)."),
+            model: Optional[str] = typer.Option(None, "--model", help="Model spec for a plain checkpoint."),
+            model_args: Optional[str] = typer.Option(None, "--model-args", help="JSON keyword arguments of --model."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Write analysis.json, sensitivity.csv, granularity.json and report.html here."),
+            target_macs: Optional[float] = typer.Option(None, "--target-macs", help="MACs fraction for the suggested per-group ratios (default 0.5)."),
+            details: bool = typer.Option(False, "--details", help="Print the per-layer and per-group tables, not only the summary."),
+            input_shape: Optional[str] = INPUT_SHAPE, num_classes: Optional[int] = NUM_CLASSES,
+            device: Optional[str] = DEVICE, trust: bool = TRUST, json_out: bool = JSON, debug: bool = DEBUG) -> None:
+    """What matters in the model: MACs and parameters per layer, importance, activation sensitivity, pruning sensitivity."""
+    from kdcli.analysis import analyze as run_analyze
+    from kdcli.analysis import render_terminal
+    from kdcli.recipe import load_recipe
+
+    rec = load_recipe(recipe) if recipe is not None else None
+    rep = _reporter(json_out)
+    data = _analysis_data(rec, data_flag)
+    dev = _device(device, rec)
+    mdl, info = _load_for_export(checkpoint, rec, model, model_args, data, trust, input_shape, num_classes)
+    settings = rec.analyze if rec is not None else None
+    result = run_analyze(mdl.to(dev), info, data, device=dev, settings=settings, target_macs=target_macs,
+                         out_dir=out, reporter=rep, seed=rec.seed if rec is not None else 0)
+    if json_out:
+        _emit_json(result)
+    else:
+        render_terminal(result, rep, details=details)
+        if out is not None:
+            rep.info(f"written: {out / 'analysis.json'}, {out / 'report.html'}")
+
+
+def _analysis_data(rec, data_flag: Optional[str]):
+    if rec is None and data_flag is None:
+        return None
+    from kdcli.data import DataSpec, load_data
+
+    if data_flag is not None:
+        kind, _, path = data_flag.partition(":")
+        source: Any = "digits" if kind == "digits" else {"kind": kind, "path": path}
+        try:
+            spec = DataSpec.model_validate({"source": source})
+        except Exception:
+            raise InputError(f"--data {data_flag!r}: expected digits or KIND:PATH with KIND one of "
+                             "idx, cifar10-bin, tensors, image-folder") from None
+        return load_data(spec, base_dir=Path.cwd(), seed=rec.seed if rec is not None else 0)
+    return load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="kdcli")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

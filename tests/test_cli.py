@@ -1,0 +1,105 @@
+"""The command line end to end, through Typer's test runner and (for start-up) a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdcli.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+# A quickstart cut down to seconds: fewer epochs, two pruning steps, short latency runs.
+FAST = ["--set", "teacher.train.epochs=8", "--set", "distill.train.epochs=2", "--set", "prune.steps=2",
+        "--set", "prune.final_epochs=1", "--set", "export.latency_budget_s=0.1",
+        "--set", "export.batch_sizes=[1, 8]"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from kdcli.cli import main; sys.argv=['kdcli','--help']\ntry: main()\nexcept SystemExit: pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "compress" in out and out.strip().endswith("NO-TORCH")
+
+
+@pytest.mark.parametrize("cmd", [["train"], ["compress"], ["export"], ["analyze"], ["recipe", "validate"]])
+def test_every_command_has_help(cmd):
+    res = invoke(*cmd, "--help")
+    assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_version():
+    from kdcli import __version__
+
+    res = invoke("--version")
+    assert res.exit_code == 0 and __version__ in res.output
+
+
+def test_recipe_validate_ok_and_bad(tmp_path):
+    assert invoke("recipe", "validate", REPO / "recipes" / "quickstart.yaml").exit_code == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher:\n  model: mlp\nprune:\n  steps: 0\n")
+    res = invoke("recipe", "validate", bad)
+    assert res.exit_code == 2
+    assert f"{bad}:4: prune.steps" in res.output and "Traceback" not in res.output
+    res = invoke("recipe", "validate", tmp_path / "missing.yaml")
+    assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_bad_device_is_a_usage_error(tmp_path):
+    res = invoke("train", "--device", "tpu", "--out", tmp_path / "t.kdc")
+    assert res.exit_code == 2 and "--device" in res.output
+
+
+def test_bad_override_names_the_field(tmp_path):
+    res = invoke("compress", "--out", tmp_path / "run", "--set", "prune.importance=psychic")
+    assert res.exit_code == 2 and "prune.importance" in res.output
+
+
+def test_quickstart_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    res = invoke("compress", REPO / "recipes" / "quickstart.yaml", "--out", run, "--json", *FAST)
+    assert res.exit_code in (0, 3), res.output
+    result = json.loads(res.stdout)
+    assert result["student"]["macs"] <= 0.3 * result["teacher"]["macs"] * 1.0001
+    for name in ("recipe.yaml", "metrics.jsonl", "student.kdc", "teacher.kdc", "compress_report.md",
+                 "compress_report.html", "export/student.onnx", "export/report.json"):
+        assert (run / name).is_file(), name
+    assert result["export"]["student"]["verification"]["max_abs_diff"] <= 1e-4
+    # A second start in the same directory is refused (nothing produced is lost) ...
+    again = invoke("compress", REPO / "recipes" / "quickstart.yaml", "--out", run, *FAST)
+    assert again.exit_code == 2 and "--resume" in again.output
+    # ... and the student file exports on its own, with no recipe.
+    res = invoke("export", run / "student.kdc", "--out", tmp_path / "exp", "--batch-sizes", "1", "--json")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "exp" / "student.onnx").is_file()
+
+
+def test_unmet_gate_exits_3_and_keeps_the_student(tmp_path):
+    run = tmp_path / "run"
+    res = invoke("compress", "--out", run, "--no-export", *FAST, "--set", "target.macs=0.01",
+                 "--set", "target.max_accuracy_drop=0.0", "--set", "prune.steps=1", "--set", "prune.max_retries=0")
+    assert res.exit_code == 3, res.output
+    assert "target not met" in res.output or "accuracy drop" in res.output
+    assert (run / "student.kdc").is_file()
+
+
+def test_export_of_a_garbage_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    res = invoke("export", bad, "--model", "mlp", "--input-shape", "1,8,8", "--num-classes", "10",
+                 "--out", tmp_path / "e")
+    assert res.exit_code == 2
+    assert str(bad) in res.output and "Traceback" not in res.output
+    res = invoke("export", bad, "--model", "mlp", "--out", tmp_path / "e")
+    assert res.exit_code == 2 and "--input-shape" in res.output
+    assert not (tmp_path / "e" / "student.onnx").exists()

@@ -1,0 +1,75 @@
+"""The DKDP loop on the built-in digits: target reached, resume after a kill, the gate, τ adapting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kdcli.compress as C
+from kdcli.recipe import builtin_recipe_path
+
+FAST = ["teacher.train.epochs=8", "distill.train.epochs=2", "prune.final_epochs=1", "export.enabled=false",
+        "device=cpu"]
+
+
+def run(tmp_path, name="run", extra=()):
+    recipe, run_dir = C.start_run(builtin_recipe_path("quickstart"), out_dir=tmp_path / name,
+                                  overrides=[*FAST, *extra])
+    return C.compress(recipe, run_dir, device=torch.device("cpu"))
+
+
+def test_reaches_the_macs_target_and_writes_the_run(tmp_path):
+    res = run(tmp_path, extra=["target.max_accuracy_drop=0.05"])
+    assert res.student["macs"] <= 0.3 * res.teacher["macs"] * 1.0001
+    assert res.target_met and not res.gate_failures
+    accepted = [r for r in res.steps if r["accepted"]]
+    assert accepted and all(r["tau"] is not None and r["tau"] > 0 for r in accepted)
+    # MACs fall step by step towards the target
+    ratios = [r["macs_ratio"] for r in accepted]
+    assert ratios == sorted(ratios, reverse=True) and ratios[-1] <= 0.3001
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [r["step"] for r in res.steps]
+    report = (tmp_path / "run" / "compress_report.md").read_text()
+    assert "DKDP steps" in report and "τ" in report
+
+
+def test_resume_after_a_kill_mid_step_gives_the_clean_result(tmp_path, monkeypatch):
+    clean = run(tmp_path, "clean")
+    calls = {"n": 0}
+    real = C._distil
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed during the second step's distillation
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "_distil", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "killed")
+    state = json.loads((tmp_path / "killed" / "state.json").read_text())
+    assert state["accepted_steps"] == 1 and not state["finished"]
+    monkeypatch.setattr(C, "_distil", real)
+    recipe = C.resume_recipe(tmp_path / "killed")
+    resumed = C.compress(recipe, tmp_path / "killed", device=torch.device("cpu"))
+    assert resumed.student["macs"] == clean.student["macs"]
+    assert resumed.student["val_accuracy"] == pytest.approx(clean.student["val_accuracy"], abs=1e-9)
+    assert [r["tau"] for r in resumed.steps] == pytest.approx([r["tau"] for r in clean.steps])
+
+
+def test_an_unmet_budget_is_a_gate_failure_with_the_student_kept(tmp_path):
+    res = run(tmp_path, extra=["target.macs=0.02", "target.max_accuracy_drop=0.0", "prune.steps=1",
+                               "prune.max_retries=0"])
+    assert not res.target_met and res.gate_failures
+    assert (tmp_path / "run" / "student.kdc").is_file()
+
+
+def test_tau_backs_off_after_a_step_over_budget(tmp_path):
+    # A budget of zero makes the first, large step fail; the next attempt must aim at a smaller cut.
+    res = run(tmp_path, extra=["target.macs=0.1", "target.max_accuracy_drop=0.0", "prune.steps=1",
+                               "prune.max_retries=2"])
+    first, second = res.steps[0], res.steps[1]
+    assert not first["accepted"] and "undone" in first["reason"]
+    assert second["target_macs"] > first["target_macs"]
