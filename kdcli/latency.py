@@ -1,0 +1,145 @@
+"""Latency of ONNX models in onnxruntime (and of PyTorch modules in eager mode, for reference).
+
+Models compared with each other are measured in the same process and *alternating* (t, s, t, s …)
+within each batch size, so that a noisy, shared machine slows both alike and their speed-up ratio
+holds even when the absolute numbers drift. Each model gets warm-up runs first (allocations,
+kernel selection), then timed runs until the time budget is spent, with a floor on the run count
+so the median is never taken from a handful of samples.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+WARMUP_RUNS = 3
+MIN_RUNS = 7
+MAX_RUNS = 5000
+
+
+def default_threads() -> int:
+    """CPU cores this process may use (its affinity mask), the intra-op thread count we pin."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def available_providers() -> list[str]:
+    """The onnxruntime execution providers kdcli measures here: CUDA when present, and always CPU."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+def make_session(path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+                 spinning: bool = True):
+    """An onnxruntime InferenceSession with full graph optimisation and ``threads`` intra-op threads.
+
+    ``providers`` defaults to CPU only; CPU is always appended as the fallback provider.
+    ``spinning=False`` stops idle pool threads from busy-waiting for work (see measure_latency).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = int(threads or default_threads())
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: no "Removing initializer" chatter
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    provs = list(providers or ["CPUExecutionProvider"])
+    if "CPUExecutionProvider" not in provs:
+        provs.append("CPUExecutionProvider")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=provs)
+
+
+def _summary(times_s: list[float], batch_size: int) -> dict:
+    ms = np.asarray(times_s) * 1e3
+    med = float(np.median(ms))
+    return {"median_ms": med, "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
+            "throughput": batch_size / (med / 1e3) if med > 0 else float("inf"), "runs": int(len(ms))}
+
+
+def alternate(runners: dict[str, Callable[[], object]], *, time_budget_s: float, warmup: int = WARMUP_RUNS,
+              min_runs: int = MIN_RUNS, max_runs: int = MAX_RUNS) -> dict[str, list[float]]:
+    """Time each runner in turn (a, b, a, b …) until ``time_budget_s`` is spent (after ``warmup``
+    untimed rounds) and each has ``min_runs``; returns the wall times in seconds per runner."""
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_runs and (rounds < min_runs or time.perf_counter() - start < time_budget_s):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return times
+
+
+def measure_latency(models: dict[str, str | Path], input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 64),
+                    *, time_budget_s: float = 2.0, threads: int | None = None,
+                    providers: Sequence[str] | None = None, seed: int = 0) -> dict:
+    """onnxruntime latency of each ONNX model in ``models`` (name → path) on inputs [bs, *input_shape].
+
+    Models are timed alternating within each batch size, ``time_budget_s`` per batch size shared by
+    all models. Returns ``{name: {bs: {"median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms",
+    "throughput" (samples/s), "runs", "provider", "threads"}}}``; ``provider`` is the one
+    onnxruntime actually used (``providers[0]`` unless it is unavailable).
+    """
+    threads = int(threads or default_threads())
+    # Each session owns a thread pool whose idle threads spin after a run; alternating sessions
+    # would then compete with the other model's spinning pool (on 2 shared cores this swung the
+    # teacher/student ratio by ±15 %), so pools sleep when more than one model is measured.
+    spinning = len(models) == 1
+    sessions = {name: make_session(p, providers=providers, threads=threads, spinning=spinning)
+                for name, p in models.items()}
+    rng = np.random.default_rng(seed)
+    out: dict = {name: {} for name in models}
+    for bs in batch_sizes:
+        x = rng.standard_normal((int(bs), *input_shape)).astype(np.float32)
+        runners = {}
+        for name, sess in sessions.items():
+            feed = {sess.get_inputs()[0].name: x}
+            runners[name] = (lambda s=sess, f=feed: s.run(None, f))
+        times = alternate(runners, time_budget_s=time_budget_s)
+        for name, sess in sessions.items():
+            out[name][int(bs)] = {**_summary(times[name], int(bs)), "provider": sess.get_providers()[0],
+                                  "threads": threads}
+    return out
+
+
+def measure_torch_latency(models: dict, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 64),
+                          time_budget_s: float = 2.0, *, seed: int = 0) -> dict:
+    """PyTorch eager (CPU, ``inference_mode``) latency of ``models`` (name → nn.Module), alternating as
+    in :func:`measure_latency`; same result layout, with ``provider: "pytorch-eager"``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out: dict = {name: {} for name in models}
+    modes = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        with torch.inference_mode():
+            for bs in batch_sizes:
+                x = torch.randn(int(bs), *input_shape, generator=gen)
+                runners = {name: (lambda m=m: m(x)) for name, m in models.items()}
+                times = alternate(runners, time_budget_s=time_budget_s)
+                for name in models:
+                    out[name][int(bs)] = {**_summary(times[name], int(bs)), "provider": "pytorch-eager",
+                                          "threads": torch.get_num_threads()}
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    return out
