@@ -302,13 +302,16 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     exp = rec.export if rec is not None else None
     bs = _split_ints(batch_sizes, "--batch-sizes") if batch_sizes else (list(exp.batch_sizes) if exp else [1, 64])
     gates = list(fail_if or []) or (list(exp.fail_if) if exp else [])
-    report = run_export(s_model.cpu().eval(), _info_dict(s_info, data), out, teacher=None if t_model is None else t_model.cpu().eval(),
-                        teacher_info=None if t_info is None else _info_dict(t_info, data), x_eval=x_eval, y_eval=y_eval,
-                        batch_sizes=tuple(bs), opset=opset or (exp.opset if exp else 18), gates=[],
-                        time_budget_s=exp.latency_budget_s if exp else 2.0)
-    from kdcli.gates import check_gates
-
-    failures = check_gates(report, gates)
+    try:
+        report = run_export(s_model.cpu().eval(), _info_dict(s_info, data), out,
+                            teacher=None if t_model is None else t_model.cpu().eval(),
+                            teacher_info=None if t_info is None else _info_dict(t_info, data),
+                            x_eval=x_eval, y_eval=y_eval, batch_sizes=tuple(bs),
+                            opset=opset or (exp.opset if exp else 18), gates=gates,
+                            time_budget_s=exp.latency_budget_s if exp else 2.0, reporter=rep)
+    except GateError as exc:  # the reports are written: show them, then exit 3
+        report = exc.report
+    failures = report["gates"]["failures"]
     if json_out:
         _emit_json({**report, "gate_failures": failures})
     else:
@@ -325,6 +328,7 @@ def _info_dict(info, data) -> dict:
     return {"name": info.name, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
             "mean": list(data.mean) if data is not None else meta.get("mean"),
             "std": list(data.std) if data is not None else meta.get("std"),
+            "scale": data.scale if data is not None else meta.get("scale", 1.0),
             "class_names": list(data.class_names) if data is not None else meta.get("class_names")}
 
 

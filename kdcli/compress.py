@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -339,14 +338,15 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         from kdcli.export import run_export
 
         x_eval, y_eval = data.eval_tensors("test" if data.test is not None else "val", torch.device("cpu"))
-        result.export = run_export(
-            student.cpu(), _export_info(sinfo, data), rd.path / "export", teacher=teacher.cpu(),
-            teacher_info=_export_info(tinfo, data), x_eval=x_eval, y_eval=y_eval,
-            batch_sizes=tuple(recipe.export.batch_sizes), opset=recipe.export.opset, gates=[],
-            time_budget_s=recipe.export.latency_budget_s)
-        from kdcli.gates import check_gates
-
-        failures += check_gates(result.export, recipe.export.fail_if)
+        try:
+            result.export = run_export(
+                student.cpu(), _export_info(sinfo, data), rd.path / "export", teacher=teacher.cpu(),
+                teacher_info=_export_info(tinfo, data), x_eval=x_eval, y_eval=y_eval,
+                batch_sizes=tuple(recipe.export.batch_sizes), opset=recipe.export.opset,
+                gates=recipe.export.fail_if, time_budget_s=recipe.export.latency_budget_s, reporter=reporter)
+        except GateError as exc:  # the export report is written; the verdict joins the others
+            result.export = exc.report
+            failures += exc.report["gates"]["failures"]
         result.gate_failures = failures
     rd.write_json("result.json", result.to_json())
     if is_main_process():
@@ -369,7 +369,8 @@ def _unmet(macs, params, latency, t_macs, t_params, t_lat, ref_macs, ref_params)
 
 def _export_info(info: ModelInfo, data) -> dict:
     return {"name": info.name, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-            "mean": list(data.mean), "std": list(data.std), "class_names": list(data.class_names)}
+            "mean": list(data.mean), "std": list(data.std), "scale": data.scale,
+            "class_names": list(data.class_names)}
 
 
 def _initial_student(recipe, data, teacher, tinfo, state, rd, device):

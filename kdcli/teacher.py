@@ -35,7 +35,7 @@ class ModelInfo:
 
 
 def data_metadata(data: DataBundle) -> dict:
-    return {"mean": list(data.mean), "std": list(data.std), "class_names": list(data.class_names),
+    return {"mean": list(data.mean), "std": list(data.std), "scale": data.scale, "class_names": list(data.class_names),
             "data": data.description}
 
 

@@ -18,14 +18,6 @@ SPEC = ("cnn3", {"widths": [4, 8, 8], "hidden": 16})
 SHAPE = (1, 12, 12)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster than two contending with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def source():
     """A small cnn3 with non-trivial BatchNorm statistics, and its outputs on a fixed batch."""

@@ -82,6 +82,13 @@ def test_quickstart_end_to_end(tmp_path):
     res = invoke("export", run / "student.kdc", "--out", tmp_path / "exp", "--batch-sizes", "1", "--json")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "exp" / "student.onnx").is_file()
+    # A CI gate that fails exits 3, names the gate, and still writes the report that says so.
+    res = invoke("export", run / "student.kdc", "--teacher", run / "teacher.kdc", "--out", tmp_path / "gated",
+                 "--batch-sizes", "1", "--fail-if", "macs_ratio > 0.9", "--fail-if", "macs_ratio > 0.29")
+    assert res.exit_code == 3, res.output
+    assert "macs_ratio > 0.29" in res.output and "macs_ratio > 0.9'" not in res.output
+    written = json.loads((tmp_path / "gated" / "report.json").read_text())
+    assert len(written["gates"]["failures"]) == 1
 
 
 def test_unmet_gate_exits_3_and_keeps_the_student(tmp_path):

@@ -14,15 +14,6 @@ from kdcli.models import build_model
 from kdcli.taps import FeatureTaps, auto_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP threads spinning for cores
-    made these small steps 10-50x slower (0.3 s -> 35 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def cnn3(widths, hidden=32, shape=(3, 16, 16)):
     return build_model("cnn3", {"widths": list(widths), "hidden": hidden}, input_shape=shape, num_classes=10)

@@ -15,14 +15,6 @@ from kdcli.models import build_model
 from kdcli.prune import StructuredPruner, count_macs_params, replay_history
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster than two contending with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def _build(name, shape, **args):
     torch.manual_seed(0)
     model = build_model(name, args, input_shape=shape, num_classes=10)
