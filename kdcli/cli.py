@@ -244,9 +244,9 @@ def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional
             raise InputError(f"--model-args: not valid JSON ({exc.msg})") from None
         if not isinstance(args, dict):
             raise InputError("--model-args: expected a JSON object, e.g. '{\"hidden\": [128]}'")
-    name = model or (rec.teacher.model if rec is not None else None)
-    if model is None and rec is not None:
-        args = dict(rec.teacher.model_args)
+    name = model or (getattr(rec.teacher, "model", None) if rec is not None else None)
+    if model is None and rec is not None:  # an ensemble teacher has no single model spec
+        args = dict(getattr(rec.teacher, "model_args", {}))
     input_shape = data.input_shape if data is not None else None
     num_classes = data.num_classes if data is not None else None
     if input_shape_flag:

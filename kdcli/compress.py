@@ -209,7 +209,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
     teacher.eval()
     t_macs, t_params = _resources(teacher, example)
     t_val = evaluate(teacher, val, device)["accuracy"]
-    teacher_summary = {"model": tinfo.name, "macs": t_macs, "params": t_params, "val_accuracy": t_val}
+    teacher_summary = {"model": tinfo.metadata.get("ensemble_label", tinfo.name), "macs": t_macs, "params": t_params, "val_accuracy": t_val}
     if test is not None:
         teacher_summary["test_accuracy"] = evaluate(teacher, test, device)["accuracy"]
     reporter.info(f"teacher {tinfo.name}: {t_params:,} params, {t_macs:,} MACs, val {100 * t_val:.2f}%")

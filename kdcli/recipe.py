@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from kdcli.data import DataSpec
 from kdcli.errors import RecipeError
@@ -55,6 +57,25 @@ class ModelRef(Strict):
 class TeacherSpec(ModelRef):
     checkpoint: str | None = None
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=20))
+
+
+# Ensemble teachers (issue 7). kdcli.ensembles.spec imports TrainSpec from this module, so this
+# import must stay below TrainSpec.
+from kdcli.ensembles.spec import DiversifiedSpec, SpecialistsSpec  # noqa: E402
+
+
+def _teacher_kind(v: Any) -> str:
+    kind = v.get("ensemble") if isinstance(v, dict) else getattr(v, "ensemble", None)
+    return "single-model" if kind is None else str(kind)
+
+
+AnyTeacherSpec = Annotated[
+    Union[Annotated[TeacherSpec, Tag("single-model")], Annotated[SpecialistsSpec, Tag("specialists")],
+          Annotated[DiversifiedSpec, Tag("diversified")]],
+    Discriminator(_teacher_kind, custom_error_type="teacher_kind",
+                  custom_error_message="ensemble: expected specialists or diversified "
+                                       "(leave the key out for a single model)"),
+]
 
 
 class StudentSpec(Strict):
@@ -149,7 +170,7 @@ class Recipe(Strict):
     device: str = "auto"
     out_dir: str | None = None
     data: DataSpec = Field(default_factory=DataSpec)
-    teacher: TeacherSpec
+    teacher: AnyTeacherSpec
     student: StudentSpec = Field(default_factory=StudentSpec)
     distill: DistillSpec = Field(default_factory=DistillSpec)
     prune: PruneSpec = Field(default_factory=PruneSpec)
@@ -162,6 +183,13 @@ class Recipe(Strict):
     def _device(cls, v: str) -> str:
         check_device_string(v)
         return v
+
+    @model_validator(mode="after")
+    def _ensemble_student(self) -> "Recipe":
+        if isinstance(self.teacher, (SpecialistsSpec, DiversifiedSpec)) and self.student.model is None:
+            raise PydanticCustomError("ensemble_student", "student.model: an ensemble teacher cannot be pruned "
+                                      "into the student; declare the student's architecture (student: {model: ...})")
+        return self
 
     # Set by load_recipe: where relative paths resolve, and what the file said.
     _path: Path | None = None
@@ -236,7 +264,8 @@ def _clean_loc(loc: tuple) -> tuple:
 
 _TAGS = {"kd", "ce", "dkd", "hint", "at", "fsp", "ab", "vid", "str", "int", "float", "bool",
          "digits", "idx", "cifar10-bin", "image-folder", "tensors", "python",
-         "list[str]", "dict[str,any]", "literal['pruned-teacher']", "none"}
+         "list[str]", "dict[str,any]", "literal['pruned-teacher']", "none",
+         "single-model", "specialists", "diversified"}
 
 
 def apply_overrides(obj: dict, overrides: list[str] | tuple[str, ...], source: str) -> dict:

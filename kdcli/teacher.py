@@ -82,12 +82,16 @@ def teacher_key(recipe: Recipe) -> str:
 
 
 def train_teacher(recipe: Recipe, data: DataBundle, device: torch.device,
-                  reporter: Reporter) -> tuple[nn.Module, ModelInfo, dict]:
-    """Train the recipe's teacher from scratch with cross-entropy; returns model, info, metrics."""
+                  reporter: Reporter, run_dir: Path | None = None) -> tuple[nn.Module, ModelInfo, dict]:
+    """Train the recipe's teacher from scratch with cross-entropy (an ensemble teacher with
+    :func:`kdcli.ensembles.build_ensemble_teacher`, which writes ``ensemble.json`` to
+    ``run_dir``); returns model, info, metrics."""
     from kdcli.models import build_model
 
     torch.manual_seed(recipe.seed)
     spec = recipe.teacher
+    if getattr(spec, "ensemble", None):
+        return _ensemble_teacher(recipe, data, device, reporter, run_dir)
     model = build_model(spec.model, spec.model_args, input_shape=data.input_shape,
                         num_classes=data.num_classes, base_dir=recipe.base_dir).to(device)
     loader = data.loader("train", train=True, device=device, seed=recipe.seed)
@@ -105,11 +109,25 @@ def train_teacher(recipe: Recipe, data: DataBundle, device: torch.device,
     return model, info, metrics
 
 
+def _ensemble_teacher(recipe: Recipe, data: DataBundle, device: torch.device, reporter: Reporter,
+                      run_dir: Path | None) -> tuple[nn.Module, ModelInfo, dict]:
+    from kdcli.ensembles import build_ensemble_teacher
+
+    model, info = build_ensemble_teacher(recipe.teacher, data, device, reporter, recipe.base_dir, run_dir,
+                                         seed=recipe.seed)
+    meta = info["metadata"]
+    metrics = {**meta["metrics"], "train_seconds": meta["ensemble"]["seconds"]}
+    minfo = ModelInfo(info["name"], info["args"], tuple(data.input_shape), data.num_classes,
+                      metadata={**data_metadata(data), **meta, "metrics": metrics, "recipe_sha256": recipe.sha256,
+                                "teacher_key": teacher_key(recipe)})
+    return model, minfo, metrics
+
+
 def obtain_teacher(recipe: Recipe, data: DataBundle, device: torch.device, run_dir: Path,
                    reporter: Reporter, trust: bool = False) -> tuple[nn.Module, ModelInfo]:
     """The recipe's teacher: its checkpoint, the run directory's ``teacher.kdc``, or trained now."""
     spec = recipe.teacher
-    if spec.checkpoint:
+    if getattr(spec, "checkpoint", None):  # ensemble specs have none
         model, info = load_model_any(recipe.resolve(spec.checkpoint), spec_name=spec.model,
                                      spec_args=spec.model_args, input_shape=data.input_shape,
                                      num_classes=data.num_classes, base_dir=recipe.base_dir, trust=trust)
@@ -124,6 +142,6 @@ def obtain_teacher(recipe: Recipe, data: DataBundle, device: torch.device, run_d
             reporter.info(f"teacher: reusing {cached}")
             return model.to(device), info
         reporter.info(f"teacher: {cached} was trained from another recipe; training again")
-    model, info, _ = train_teacher(recipe, data, device, reporter)
+    model, info, _ = train_teacher(recipe, data, device, reporter, run_dir)
     save_model(cached, model, info)
     return model, info
