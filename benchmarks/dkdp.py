@@ -29,9 +29,14 @@ sys.path.insert(0, str(REPO))
 CASES = {
     "fashion-mnist": {
         "recipe": "fashion-mnist.yaml",
-        "set": ["teacher.model_args.widths=[32, 64, 128]", "teacher.train.epochs=12", "distill.train.epochs=2",
-                "prune.steps=4", "prune.final_epochs=4", "target.macs=0.3", "target.max_accuracy_drop=0.005",
-                "data.augment.crop_padding=0", "data.augment.hflip=false", "export.enabled=false"],
+        # A CPU budget (2 cores): 20,000 training images, a CNN of widths 16/32/64, 10 teacher
+        # epochs. --full uses the recipe's own widths, all 55,000 images and longer training.
+        "set": ["teacher.model_args={widths: [16, 32, 64], hidden: 128}", "teacher.train.epochs=10",
+                "data.limit_train=20000", "distill.train.epochs=2", "prune.steps=4", "prune.final_epochs=4",
+                "target.macs=0.3", "target.max_accuracy_drop=0.005", "data.augment.crop_padding=0",
+                "data.augment.hflip=false", "export.enabled=false"],
+        "full": ["teacher.model_args={widths: [32, 64, 128], hidden: 256}", "teacher.train.epochs=30",
+                 "data.limit_train=null", "distill.train.epochs=4", "prune.final_epochs=10"],
         "quick": ["data.limit_train=8000", "teacher.train.epochs=4", "distill.train.epochs=1", "prune.steps=2",
                   "prune.final_epochs=1"],
     },
@@ -39,6 +44,8 @@ CASES = {
         "recipe": "cifar10-resnet.yaml",
         "set": ["teacher.model=resnet20", "teacher.train.epochs=15", "distill.train.epochs=2", "prune.steps=3",
                 "prune.final_epochs=4", "target.macs=0.5", "export.enabled=false", "data.limit_train=20000"],
+        "full": ["teacher.model=resnet56", "teacher.train.epochs=160", "data.limit_train=null",
+                 "distill.train.epochs=10", "prune.steps=4", "prune.final_epochs=30"],
         "quick": ["data.limit_train=4000", "teacher.train.epochs=2", "distill.train.epochs=1", "prune.steps=1",
                   "prune.final_epochs=1"],
     },
@@ -49,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", choices=sorted(CASES), default="fashion-mnist")
     ap.add_argument("--quick", action="store_true", help="a small budget for a smoke test")
+    ap.add_argument("--full", action="store_true", help="the recipe's full budget (wants a GPU: --device cuda)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--teacher", type=Path, help="a trained teacher (.kdc) to start from instead of training one")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides")
@@ -65,7 +73,8 @@ def main() -> None:
     from kdcli.train import evaluate, fit, resolve_device, tensor_batches
 
     case = CASES[args.case]
-    overrides = case["set"] + (case["quick"] if args.quick else []) + args.set + [f"device={args.device}"]
+    overrides = (case["set"] + (case["quick"] if args.quick else []) + (case["full"] if args.full else [])
+                 + args.set + [f"device={args.device}"])
     recipe_path = REPO / "recipes" / case["recipe"]
     recipe = load_recipe(recipe_path, overrides)
     device = resolve_device(args.device)
@@ -73,7 +82,7 @@ def main() -> None:
     data = load_data(recipe.data, base_dir=recipe.base_dir, seed=recipe.seed)
     test = tensor_batches(*data.eval_tensors("test", device))
     example = torch.zeros(1, *data.input_shape, device=device)
-    out: dict = {"case": args.case, "quick": args.quick, "device": str(device), "data": data.description,
+    out: dict = {"case": args.case, "quick": args.quick, "full": args.full, "overrides": overrides, "device": str(device), "data": data.description,
                  "test_split": "test" if args.case != "cifar10-resnet20" else "first 1,000 CIFAR-10 test images"}
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -221,6 +221,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
 
     student, sinfo = _initial_student(recipe, data, teacher, tinfo, state, rd, device)
     granularity = _granularity(recipe)
+    shared: dict = {}  # reused across the run's distillations (the teacher cache)
     prune = recipe.student.prune and (target_macs is not None or target_params is not None
                                       or target.latency_ms is not None)
 
@@ -250,7 +251,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
                       f"({new_macs / t_macs:.3f} of teacher), params {new_params:,}")
         try:
             hist = _distil(recipe, teacher, student, data, device, granularity, val, reporter,
-                           f"step {k}", recipe.distill.train, seed=recipe.seed + 1000 * state.attempts)
+                           f"step {k}", recipe.distill.train, seed=recipe.seed + 1000 * state.attempts, shared=shared)
         except TrainingDiverged as exc:
             reporter.info(f"step {k}: {exc}; keeping the last good student")
             student = before
@@ -302,7 +303,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
                 student, sinfo = _load_student(rd.path / state.best_file, recipe, data, device)
             cfg = recipe.distill.train.model_copy(update={"epochs": epochs})
             _distil(recipe, teacher, student, data, device, granularity, val, reporter, "distil", cfg,
-                    seed=recipe.seed + 999_999)
+                    seed=recipe.seed + 999_999, shared=shared)
             acc = evaluate(student, val, device)["accuracy"]
             macs, params = _resources(student, example)
             path = "steps/final.kdc"
@@ -454,8 +455,9 @@ def _suggested_ratios(path: Path) -> dict[str, float]:
         raise InputError(f"prune.ratios_from: {path} holds no suggested_ratios (expected analysis.json from `kdcli analyze`)") from None
 
 
-def _distil(recipe, teacher, student, data, device, granularity, val, reporter, label, cfg, seed):
-    """Distil ``teacher`` into ``student`` for ``cfg.epochs`` epochs with the recipe's losses."""
+def _distil(recipe, teacher, student, data, device, granularity, val, reporter, label, cfg, seed, shared):
+    """Distil ``teacher`` into ``student`` for ``cfg.epochs`` epochs with the recipe's losses.
+    ``shared`` carries what successive calls of one run reuse (the teacher cache)."""
     from kdcli.distill import Distiller
 
     torch.manual_seed(seed)
@@ -463,7 +465,8 @@ def _distil(recipe, teacher, student, data, device, granularity, val, reporter, 
     distiller = Distiller(teacher, student, recipe.distill.losses, example, granularity=granularity).to(device)
     loader = data.loader("train", train=True, device=device, seed=seed)
     if recipe.distill.cache_teacher and not loader.augmented:
-        distiller.enable_teacher_cache(len(data.train.y))
+        # one cache for the whole run: same frozen teacher, same losses, same split every step
+        shared["teacher_cache"] = distiller.enable_teacher_cache(len(data.train.y), cache=shared.get("teacher_cache"))
     res = fit(student, loader, cfg, objective=distiller, extra_modules=[distiller], val_batches=val, device=device,
               progress=lambda m: reporter.metrics(label, m), before_epoch=distiller.set_epoch)
     return res.history

@@ -113,15 +113,23 @@ class Distiller(nn.Module):
             out.update(term.targets(t_logits, feats))
         return out
 
-    def enable_teacher_cache(self, n_samples: int, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def enable_teacher_cache(self, n_samples: int, max_bytes: int = DEFAULT_CACHE_BYTES,
+                             cache: "TeacherCache | None" = None) -> "TeacherCache":
         """Cache the teacher's targets per training-sample index (``idx`` of the batches, indices
         into a split of ``n_samples``), computed on first sight and reused afterwards.
 
         Stored on the teacher's device; logits in float32, features in float32 when the whole
         cache fits ``max_bytes``, else in float16 (both at first use and afterwards, so every pass
         sees the same values). When even float16 does not fit, caching is switched off and the
-        teacher runs every step (:attr:`cache_note` says why)."""
-        self._cache = TeacherCache(int(n_samples), int(max_bytes))
+        teacher runs every step (:attr:`cache_note` says why).
+
+        ``cache``, the return value of an earlier call, is reused as it is: valid for a Distiller
+        with the same teacher, the same loss terms and the same training split, as in the
+        successive DKDP steps of ``kdcli compress``, so the teacher runs once per sample per run."""
+        if cache is not None and cache.n != int(n_samples):
+            raise ValueError(f"teacher cache holds {cache.n} samples, not {n_samples}")
+        self._cache = cache if cache is not None else TeacherCache(int(n_samples), int(max_bytes))
+        return self._cache
 
     @property
     def cache_note(self) -> str:

@@ -144,6 +144,26 @@ def test_teacher_cache_skips_teacher_and_gives_identical_losses():
     assert torch.allclose(d._cache._read(batches[0])["logits"], fresh)
 
 
+def test_teacher_cache_is_shared_by_successive_distillers():
+    """DKDP steps build a new Distiller for each pruned student; the teacher runs once per sample."""
+    torch.manual_seed(0)
+    t = cnn3((8, 16, 16))
+    calls = []
+    t.register_forward_hook(lambda *a: calls.append(1))
+    x, y, idx = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,)), torch.arange(6)
+    first = Distiller(t, cnn3((4, 8, 8)), [KD(), CE()], torch.zeros(2, 3, 16, 16))
+    cache = first.enable_teacher_cache(6)
+    first(x, y, idx)
+    calls.clear()
+    second = Distiller(t, cnn3((2, 4, 4)), [KD(), CE()], torch.zeros(2, 3, 16, 16))
+    assert second.enable_teacher_cache(6, cache=cache) is cache
+    calls.clear()  # building the Distiller ran the teacher once on the example
+    second(x, y, idx)
+    assert calls == []
+    with pytest.raises(ValueError):
+        second.enable_teacher_cache(7, cache=cache)
+
+
 def test_teacher_cache_float16_and_off_when_over_budget():
     t, s = cnn3((8, 16, 16)), cnn3((4, 8, 8))
     d = Distiller(t, s, [KD(), Hint()], torch.zeros(2, 3, 16, 16))
