@@ -205,7 +205,7 @@ def heatmap(matrix: list[list[float]], row_labels: Sequence[str], col_labels: Se
                         f'stroke="#fff"/>')
             if cell_w >= 30 and ok:
                 body.append(f'<text x="{x + cell_w / 2:.1f}" y="{y + cell_h / 2 + 4:.1f}" text-anchor="middle" '
-                            f'class="tk" fill="{txt}">{_esc(_fmt(float(v)))}</text>')
+                            f'class="tk" style="fill:{txt}">{_esc(_fmt(float(v)))}</text>')
     for j in range(cols):
         x = left + j * cell_w + cell_w / 2
         y = top + rows * cell_h + 12

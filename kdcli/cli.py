@@ -349,7 +349,7 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
             device: Optional[str] = DEVICE, trust: bool = TRUST, json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """What matters in the model: MACs and parameters per layer, importance, activation sensitivity, pruning sensitivity."""
     from kdcli.analysis import analyze as run_analyze
-    from kdcli.analysis import render_terminal
+    from kdcli.analysis_report import render_terminal
     from kdcli.recipe import load_recipe
 
     rec = load_recipe(recipe) if recipe is not None else None

@@ -39,7 +39,7 @@ from torch import nn
 
 from kdcli.errors import InputError, ModelError
 
-IMPORTANCES = ("magnitude", "taylor", "activation", "bn-scale")
+IMPORTANCES = ("magnitude", "magnitude-l1", "taylor", "activation", "bn-scale")
 _ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # Probe verdicts by model structure: compress creates one pruner per step on the same model.
 _PROBE_CACHE: dict[tuple, frozenset] = {}
@@ -263,7 +263,7 @@ class StructuredPruner:
         return bad
 
     # --- importance -----------------------------------------------------------------------------
-    def score(self, batches: Iterable | None = None) -> dict[str, torch.Tensor]:
+    def score(self, batches: Iterable | None = None, importance: str | None = None) -> dict[str, torch.Tensor]:
         """Per-group channel importance: ``{group: float CPU tensor of shape (channels,)}``.
 
         Each group's raw scores (reduced over its layers by torch-pruning's group importance)
@@ -271,30 +271,37 @@ class StructuredPruner:
         one threshold compares across groups. ``batches``: ``(x, y, ...)`` tuples on the model's
         device, needed by taylor (gradients of cross-entropy summed over them) and activation.
         Groups a criterion cannot score (bn-scale without BatchNorm) fall back to magnitude.
+        ``importance`` overrides the pruner's criterion for this call (``magnitude-l1``: the L1
+        norm instead of L2).
         """
+        crit = importance or self.importance
+        if crit not in IMPORTANCES:
+            raise InputError(f"prune.importance: expected one of {', '.join(IMPORTANCES)}, got {crit!r}")
         batches = list(batches) if batches is not None else []
-        if self.importance in ("taylor", "activation") and not batches:
-            raise InputError(f"prune.importance: {self.importance} scores channels from data; no batches were given")
+        if crit in ("taylor", "activation") and not batches:
+            raise InputError(f"prune.importance: {crit} scores channels from data; no batches were given")
         magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
         with _eval_mode(self.model):
-            if self.importance == "taylor":
+            if crit == "taylor":
                 with _taylor_gradients(self.model, batches):
                     raw = self._raw(tp.importance.GroupTaylorImportance(normalizer=None))
-            elif self.importance == "activation":
+            elif crit == "activation":
                 with _activation_stats(self.model, self._groups.values(), batches) as means:
                     raw = {name: _activation_score(self.dg, g, means) for name, g in self._groups.items()}
-            elif self.importance == "bn-scale":
+            elif crit == "bn-scale":
                 raw = self._raw(tp.importance.BNScaleImportance(normalizer=None))
+            elif crit == "magnitude-l1":
+                raw = self._raw(tp.importance.GroupMagnitudeImportance(p=1, normalizer=None))
             else:
                 raw = self._raw(magnitude)
         missing = [n for n, s in raw.items() if s is None]
         if missing:
             fallback = self._raw(magnitude, missing)
             raw.update(fallback)
-            note = f"{self.importance}: {len(missing)} group(s) without what it scores were scored by magnitude"
+            note = f"{crit}: {len(missing)} group(s) without what it scores were scored by magnitude"
             if note not in self.notes:
                 self.notes.append(note)
-        if self.importance in ("taylor", "activation"):
+        if crit in ("taylor", "activation"):
             raw = _mean_over_ranks(raw, self.example.device)
         out = {}
         for name, s in raw.items():

@@ -111,7 +111,7 @@ class DistillSpec(Strict):
 
 
 class PruneSpec(Strict):
-    importance: Literal["magnitude", "taylor", "activation", "bn-scale"] = "magnitude"
+    importance: Literal["magnitude", "magnitude-l1", "taylor", "activation", "bn-scale"] = "magnitude"
     steps: int = Field(4, ge=1, le=100)
     max_retries: int = Field(2, ge=0, le=10)
     round_to: int | None = Field(None, ge=1)

@@ -1,0 +1,300 @@
+"""``kdcli analyze``: what matters in a model and how far each part can be cut.
+
+Static figures need only the model: MACs and parameters per layer, the prunable torch-pruning
+groups, and their data-free importances (magnitude, BatchNorm scale). With data, the figures
+measured on a validation subset are added: Taylor and activation importances, mean activation
+and APoZ per channel, activation sensitivity and the granularity map, PCA redundancy, and the
+layer pruning-sensitivity scan with suggested per-group ratios (see :mod:`kdcli.sensitivity`).
+
+``analysis.json`` (``schema_version`` 1) holds:
+
+- ``model``: ``name``, ``input_shape``, ``num_classes``, ``macs`` and ``params`` (torch-pruning's
+  counter, per sample), ``pruned`` (whether the model carries a pruning history);
+- ``data``: ``description``, ``split`` and ``samples`` of the evaluation subset, or null;
+- ``settings``: ``ratios``, ``target_macs``, ``eval_samples``, ``critical_fraction``, ``seed``;
+- ``layers``: per leaf layer ``name`` (module path), ``type``, ``output_shape`` (one sample),
+  ``params``, ``macs``, ``macs_share``, ``params_share`` (of the model's totals);
+- ``groups``: per prunable group ``name`` (root module path), ``channels``, ``layers`` (``out``,
+  ``in``, ``in_other``, ``norm`` module paths) and ``importance``: per criterion (``magnitude``,
+  ``bn-scale``, ``taylor``, ``activation``) the per-channel score divided by the group's mean,
+  plus ``mean_activation`` and ``apoz`` per channel (measured at the consumer's input);
+- ``notes``: one-line remarks (groups kept out of pruning, criteria that fell back);
+- ``activation_sensitivity``: per tapped layer ``shape``, ``grad_std``, ``grad_mean_abs``, ``active_fraction``,
+  ``sensitivity`` (in [0, 1]), ``critical`` (bools), ``critical_count``;
+- ``redundancy``: per tapped layer the PCA ``features``, ``samples``, ``components`` needed for
+  ``"0.9"``, ``"0.95"``, ``"0.99"`` of the variance and the ``cumulative`` curve;
+- ``pruning_sensitivity``: ``criterion``, ``baseline_accuracy``, ``samples``, ``seconds`` and
+  ``curves``: per group a list of ``{"ratio", "channels_removed", "accuracy", "macs"}``;
+- ``suggested_ratios``: ``target_macs``, ``ratios`` (group → ratio, read by ``compress`` through
+  ``prune.ratios_from``), ``predicted_macs``, ``predicted_macs_fraction``,
+  ``predicted_accuracy``, ``reached``, ``method``;
+- ``timings``: seconds per phase (``static``, ``importance``, ``activation``, ``scan``);
+- ``files``: the names written to ``out_dir`` (only when written).
+
+Data-driven sections are null without data. ``sensitivity.csv`` (group, ratio, accuracy, macs),
+``granularity.json`` (:class:`kdcli.granularity.GranularityMap`) and ``report.html`` go beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdcli.console import Reporter
+from kdcli.errors import DataError, ModelError
+from kdcli.sensitivity import eval_mode
+
+SCHEMA_VERSION = 1
+_ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
+          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+          nn.InstanceNorm3d, nn.GroupNorm)
+
+
+# ----------------------------------------------------------------------------- per layer
+
+
+def _layer_macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    """MACs of one call of a leaf module on a batch of one, by the rules of torch-pruning's
+    counter (so the per-layer figures add up to :func:`kdcli.prune.count_macs_params`)."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        positions = math.prod(out.shape[2:])
+        macs = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups) * positions
+        return macs + (m.out_channels * positions if m.bias is not None else 0)
+    if isinstance(m, nn.Linear):
+        return inp.numel() * m.out_features + (m.out_features if m.bias is not None else 0)
+    if isinstance(m, _NORMS):
+        return inp.numel() * (2 if getattr(m, "affine", False) else 1)
+    if isinstance(m, nn.LayerNorm):
+        return inp.numel() * (2 if m.elementwise_affine else 1)
+    if isinstance(m, _ACTIVATIONS) or isinstance(m, nn.Upsample):
+        return out.numel()
+    if isinstance(m, _POOLS):
+        return inp.numel()
+    return 0
+
+
+def layer_table(model: nn.Module, example: torch.Tensor) -> tuple[list[dict], int, int]:
+    """Per leaf layer: ``name``, ``type``, ``output_shape`` (one sample), ``params``, ``macs`` and
+    their shares; plus the model's total MACs and parameters (torch-pruning's counter).
+
+    ``example`` is a batch of one, ``(1, *input_shape)``. Layers with neither MACs nor parameters
+    (Flatten, Dropout, Identity) are left out. When the model holds ops the per-layer rules do
+    not cover (attention, RNNs), a row ``(other)`` carries the difference, so the MACs column
+    always adds up to the total."""
+    from kdcli.prune import count_macs_params
+    from kdcli.taps import first_tensor
+
+    rows: dict[str, dict] = {}
+    handles = []
+    for name, m in model.named_modules():
+        own = sum(p.numel() for p in m.parameters(recurse=False))
+        if any(True for _ in m.children()) and not own:
+            continue
+
+        def hook(mod, inputs, output, name=name, own=own):
+            out = first_tensor(output)
+            inp = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else out
+            row = rows.setdefault(name, {"name": name, "type": type(mod).__name__,
+                                         "output_shape": list(out.shape[1:]) if out is not None else [],
+                                         "params": own, "macs": 0})
+            row["macs"] += _layer_macs(mod, inp, out) if out is not None else 0
+
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, m in model.named_modules():  # layers the forward pass never called still hold parameters
+        own = sum(p.numel() for p in m.parameters(recurse=False))
+        if own and name not in rows:
+            rows[name] = {"name": name, "type": type(m).__name__, "output_shape": [], "params": own, "macs": 0}
+    total_macs, total_params = count_macs_params(model, example)
+    table = [r for r in rows.values() if r["macs"] or r["params"]]
+    rest = total_macs - sum(r["macs"] for r in table)
+    if rest:
+        table.append({"name": "(other)", "type": "not attributed", "output_shape": [], "params": 0, "macs": rest})
+    for r in table:
+        r["macs_share"] = r["macs"] / total_macs if total_macs else 0.0
+        r["params_share"] = r["params"] / total_params if total_params else 0.0
+    return table, total_macs, total_params
+
+
+# ----------------------------------------------------------------------------- the analysis
+
+
+def _check_fit(model: nn.Module, info, data, example: torch.Tensor) -> None:
+    """The model, its declared input shape and the data agree; one-line errors otherwise."""
+    if data is not None and tuple(data.input_shape) != tuple(info.input_shape):
+        raise DataError(f"data ({data.description}): inputs of shape {list(data.input_shape)}, but model "
+                        f"{info.name} expects {list(info.input_shape)}")
+    if data is not None and data.num_classes != info.num_classes:
+        raise DataError(f"data ({data.description}): {data.num_classes} classes, but model {info.name} "
+                        f"has {info.num_classes} outputs")
+    try:
+        with eval_mode(model), torch.no_grad():
+            out = model(example)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported in one line
+        text = " ".join(str(exc).split())[:200]
+        raise ModelError(f"model {info.name}: forward pass on input shape {list(info.input_shape)} failed "
+                         f"({type(exc).__name__}: {text})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != info.num_classes:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"model {info.name}: output {shape}, expected logits [N, {info.num_classes}]")
+
+
+def _eval_split(data) -> str:
+    for name in ("val", "test", "train"):
+        part = getattr(data, name)
+        if part is not None and len(part):
+            return name
+    raise DataError(f"data ({data.description}): no samples to analyse")
+
+
+def _rounded(t, nd: int = 6) -> list:
+    return [round(float(v), nd) for v in (t.tolist() if hasattr(t, "tolist") else t)]
+
+
+def _importances(pruner, members: dict, batches) -> dict[str, dict[str, list]]:
+    """Per group and criterion, each channel's importance divided by its group's mean (the
+    pruner's normalisation). ``bn-scale`` only where the group holds a BatchNorm layer;
+    ``taylor`` and ``activation`` only with ``batches``."""
+    criteria = ["magnitude", "magnitude-l1", "bn-scale"] + (["taylor", "activation"] if batches else [])
+    out: dict[str, dict[str, list]] = {g: {} for g in pruner.groups}
+    for crit in criteria:
+        scores = pruner.score(batches=batches if crit in ("taylor", "activation") else None, importance=crit)
+        for g, s in scores.items():
+            if crit == "bn-scale" and not members[g]["norm"]:
+                continue
+            out[g][crit] = _rounded(s)
+    return out
+
+
+def _activation_figures(model, example, batches, settings, seed: int, notes: list, reporter):
+    """Activation sensitivity, the granularity map and PCA redundancy of the "auto" layers
+    (:func:`kdcli.taps.auto_layers`); (None, None, None) with a note when none can be chosen."""
+    from kdcli.sensitivity import activation_statistics, granularity_map, pca_redundancy
+    from kdcli.taps import auto_layers
+
+    try:
+        taps = auto_layers(model, example)
+    except ModelError as exc:
+        notes.append(f"activation sensitivity skipped: {exc}")
+        return None, None, None
+    reporter.info(f"activation sensitivity of {', '.join(taps)}")
+    stats = activation_statistics(model, batches, taps, seed=seed)
+    gmap = granularity_map(stats, critical_fraction=settings.critical_fraction)
+    activity = {p: {"shape": st["shape"], "grad_std": _rounded(st["grad_std"], 8),
+                    "grad_mean_abs": _rounded(st["grad_mean_abs"], 8),
+                    "active_fraction": _rounded(st["active_fraction"]),
+                    "sensitivity": gmap.layers[p].sensitivity, "critical": gmap.layers[p].critical,
+                    "critical_count": sum(gmap.layers[p].critical)} for p, st in stats.items()}
+    return activity, {p: pca_redundancy(st["rows"]) for p, st in stats.items()}, gmap
+
+
+def analyze(model: nn.Module, info, data=None, *, device: torch.device | None = None, settings=None,
+            target_macs: float | None = None, out_dir: Path | None = None, reporter: Reporter | None = None,
+            seed: int = 0) -> dict:
+    """Analyse ``model`` (described by a :class:`kdcli.teacher.ModelInfo`) and return the result
+    documented in the module docstring; with ``out_dir``, also write analysis.json,
+    sensitivity.csv, granularity.json (with data) and report.html there.
+
+    ``data``: a :class:`kdcli.data.DataBundle` for the data-driven figures, or None for static
+    figures only. ``settings``: a :class:`kdcli.recipe.AnalyzeSpec` (defaults otherwise);
+    ``target_macs`` overrides its ``target_macs``. The model is left exactly as it was (weights,
+    buffers, train/eval mode). Deterministic for a given ``seed``.
+    """
+    with eval_mode(model):  # every figure is of the model in eval mode; each module's flag comes back
+        return _analyze(model, info, data, device=device, settings=settings, target_macs=target_macs,
+                        out_dir=out_dir, reporter=reporter, seed=seed)
+
+
+def _analyze(model, info, data, *, device, settings, target_macs, out_dir, reporter, seed) -> dict:
+    from kdcli.prune import StructuredPruner, count_macs_params
+    from kdcli.recipe import AnalyzeSpec
+    from kdcli.sensitivity import consumer_statistics, group_layers, pruning_sensitivity, suggest_ratios
+    from kdcli.train import evaluate, tensor_batches
+
+    settings = settings or AnalyzeSpec()
+    target = float(target_macs if target_macs is not None else settings.target_macs)
+    if not target > 0:
+        raise DataError(f"--target-macs: expected a fraction in (0, 1] or a MACs count, got {target}")
+    reporter = reporter or Reporter(quiet=True)
+    device = device or next(model.parameters()).device
+    torch.manual_seed(seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    example = torch.zeros(1, *info.input_shape, device=device)
+    _check_fit(model, info, data, example)
+
+    layers, total_macs, total_params = layer_table(model, example)
+    pruner = StructuredPruner(model, example, importance="magnitude")
+    members = group_layers(pruner, model)
+    position = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    names = sorted(pruner.groups, key=lambda g: position.get(g, len(position)))  # model order, not graph order
+    timings["static"] = time.perf_counter() - t0
+
+    batches, split, acc0 = None, None, None
+    if data is not None:
+        split = _eval_split(data)
+        x, y = data.eval_tensors(split, device, limit=settings.eval_samples)
+        batches = tensor_batches(x, y, data.eval_batch_size)  # prepared once, kept on the device
+    t1 = time.perf_counter()
+    importance = _importances(pruner, members, batches)
+    channels = pruner.group_channels()
+    groups = [{"name": g, "channels": channels[g], "layers": members[g], "importance": importance[g]} for g in names]
+    notes = [n for n in pruner.notes if not n.startswith("bn-scale:")]  # shown only where a BatchNorm is
+    without_bn = sum(1 for g in names if not members[g]["norm"])
+    if without_bn:
+        notes.append(f"bn-scale: not shown for {without_bn} group(s) without a normalisation layer")
+    timings["importance"] = time.perf_counter() - t1
+
+    activity = redundancy = scan = suggested = gmap = None
+    if batches is not None:
+        t1 = time.perf_counter()
+        consumers = {g: members[g]["in"][0] for g in pruner.groups if members[g]["in"]}
+        per_channel = consumer_statistics(model, batches, consumers)
+        for grp in groups:
+            grp["importance"].update({k: _rounded(v) for k, v in per_channel.get(grp["name"], {}).items()})
+        activity, redundancy, gmap = _activation_figures(model, example, batches, settings, seed, notes, reporter)
+        timings["activation"] = time.perf_counter() - t1
+
+        t1 = time.perf_counter()
+        acc0 = evaluate(model, batches, device)["accuracy"]
+        scores = pruner.score()  # magnitude, the data-free criterion of Distiller's scans
+        ratios = list(settings.ratios)
+        with reporter.progress("pruning-sensitivity scan", len(names) * len(ratios)) as advance:
+            curves = pruning_sensitivity(pruner, names, scores, ratios,
+                                         evaluate_fn=lambda: evaluate(model, batches, device)["accuracy"],
+                                         macs_fn=lambda: count_macs_params(model, example)[0], advance=advance)
+        timings["scan"] = time.perf_counter() - t1
+        scan = {"criterion": "magnitude", "baseline_accuracy": acc0, "samples": len(x),
+                "seconds": round(timings["scan"], 3), "curves": curves}
+        suggested = suggest_ratios(curves, baseline_accuracy=acc0, total_macs=total_macs, target_macs=target,
+                                   macs_of=lambda ratios: pruner.plan_macs(pruner.plan_ratios(ratios, scores)))
+
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"name": info.name, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
+                  "macs": total_macs, "params": total_params, "pruned": bool(info.pruning_history)},
+        "data": None if data is None else {"description": data.description, "split": split, "samples": len(x)},
+        "settings": {"ratios": list(settings.ratios), "target_macs": target, "eval_samples": settings.eval_samples,
+                     "critical_fraction": settings.critical_fraction, "seed": seed},
+        "layers": layers, "groups": groups, "notes": notes,
+        "activation_sensitivity": activity, "redundancy": redundancy,
+        "pruning_sensitivity": scan, "suggested_ratios": suggested,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    if out_dir is not None:
+        from kdcli.analysis_report import write_outputs
+
+        write_outputs(result, Path(out_dir), gmap)
+    return result
