@@ -16,7 +16,7 @@ layer pruning-sensitivity scan with suggested per-group ratios (see :mod:`kdcli.
   ``params``, ``macs``, ``macs_share``, ``params_share`` (of the model's totals);
 - ``groups``: per prunable group ``name`` (root module path), ``channels``, ``layers`` (``out``,
   ``in``, ``in_other``, ``norm`` module paths) and ``importance``: per criterion (``magnitude``,
-  ``bn-scale``, ``taylor``, ``activation``) the per-channel score divided by the group's mean,
+  ``magnitude-l1``, ``bn-scale``, ``taylor``, ``activation``) the per-channel score divided by the group's mean,
   plus ``mean_activation`` and ``apoz`` per channel (measured at the consumer's input);
 - ``notes``: one-line remarks (groups kept out of pruning, criteria that fell back);
 - ``activation_sensitivity``: per tapped layer ``shape``, ``grad_std``, ``grad_mean_abs``, ``active_fraction``,
