@@ -60,9 +60,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--teacher", type=Path, help="a trained teacher (.kdc) to start from instead of training one")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (1 on a CPU shared with other jobs: spinning threads contend)")
     args = ap.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from kdcli import compress as C
     from kdcli.console import Reporter
@@ -82,7 +87,8 @@ def main() -> None:
     data = load_data(recipe.data, base_dir=recipe.base_dir, seed=recipe.seed)
     test = tensor_batches(*data.eval_tensors("test", device))
     example = torch.zeros(1, *data.input_shape, device=device)
-    out: dict = {"case": args.case, "quick": args.quick, "full": args.full, "overrides": overrides, "device": str(device), "data": data.description,
+    out: dict = {"case": args.case, "quick": args.quick, "full": args.full, "overrides": overrides,
+                 "threads": torch.get_num_threads(), "device": str(device), "data": data.description,
                  "test_split": "test" if args.case != "cifar10-resnet20" else "first 1,000 CIFAR-10 test images"}
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,6 +32,9 @@ DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (defaul
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (progress stays on stderr).")
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks of errors.")
 SET = typer.Option(None, "--set", help="Override a recipe value: KEY.PATH=VALUE (YAML), e.g. prune.steps=2. Repeatable.")
+THREADS = typer.Option(None, "--threads", min=1,
+                       help="CPU threads for torch (default: torch's, one per core). On a machine shared with "
+                            "other jobs, fewer threads avoid contention.")
 TRUST = typer.Option(False, "--trust-checkpoint",
                      help="Allow checkpoints holding pickled objects (a whole nn.Module). Loading such a file "
                           "RUNS CODE from it: use only for files from a source you trust.")
@@ -90,9 +93,15 @@ def _emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=_json_default))
 
 
-def _device(name: Optional[str], recipe=None):
+def _device(name: Optional[str], recipe=None, threads: Optional[int] = None):
+    """The torch device of ``--device`` (else the recipe's), after applying ``--threads``."""
     from kdcli.recipe import check_device_string
     from kdcli.train import resolve_device
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     name = name or (recipe.device if recipe is not None else "auto")
     try:
@@ -147,7 +156,7 @@ def recipe_show(name: str = typer.Argument("quickstart", help="A built-in recipe
 @_command
 def train(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (default: the built-in quickstart)."),
           out: Path = typer.Option(None, "--out", help="Where to write teacher.kdc (default: runs/<recipe>/teacher.kdc)."),
-          device: Optional[str] = DEVICE, set_: Optional[List[str]] = SET,
+          device: Optional[str] = DEVICE, set_: Optional[List[str]] = SET, threads: Optional[int] = THREADS,
           json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Train the recipe's teacher from scratch (for users and demos that have no trained model)."""
     from kdcli.data import load_data
@@ -155,7 +164,7 @@ def train(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (defau
     from kdcli.teacher import save_model, train_teacher
 
     rec = load_recipe(_recipe_path(recipe), set_ or ())
-    dev = _device(device, rec)
+    dev = _device(device, rec, threads)
     rep = _reporter(json_out)
     data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)
     rep.info(f"data: {data.description}")
@@ -183,7 +192,7 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
              overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a run directory that holds an earlier run (its files are replaced)."),
              no_export: bool = typer.Option(False, "--no-export", help="Skip the ONNX export and latency report."),
              device: Optional[str] = DEVICE, set_: Optional[List[str]] = SET, trust: bool = TRUST,
-             json_out: bool = JSON, debug: bool = DEBUG) -> None:
+             threads: Optional[int] = THREADS, json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """DKDP: prune structurally and distil the teacher into the student until the recipe's target is met."""
     from kdcli.compress import compress as run_compress
     from kdcli.compress import resume_recipe, start_run
@@ -195,7 +204,7 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
     else:
         rec, run_dir = start_run(_recipe_path(recipe), out_dir=out, overrides=set_ or (), overwrite=overwrite)
     compress._resume_hint = f"kdcli compress --resume {run_dir}"
-    dev = _device(device, rec)
+    dev = _device(device, rec, threads)
     rep = _reporter(json_out)
     rep.info(f"run directory: {run_dir}  device: {dev}")
     result = run_compress(rec, run_dir, device=dev, reporter=rep, trust=trust,
@@ -346,7 +355,8 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
             target_macs: Optional[float] = typer.Option(None, "--target-macs", help="MACs fraction for the suggested per-group ratios (default 0.5)."),
             details: bool = typer.Option(False, "--details", help="Print the per-layer and per-group tables, not only the summary."),
             input_shape: Optional[str] = INPUT_SHAPE, num_classes: Optional[int] = NUM_CLASSES,
-            device: Optional[str] = DEVICE, trust: bool = TRUST, json_out: bool = JSON, debug: bool = DEBUG) -> None:
+            device: Optional[str] = DEVICE, trust: bool = TRUST, threads: Optional[int] = THREADS,
+            json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """What matters in the model: MACs and parameters per layer, importance, activation sensitivity, pruning sensitivity."""
     from kdcli.analysis import analyze as run_analyze
     from kdcli.analysis_report import render_terminal
@@ -355,7 +365,7 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
     rec = load_recipe(recipe) if recipe is not None else None
     rep = _reporter(json_out)
     data = _analysis_data(rec, data_flag)
-    dev = _device(device, rec)
+    dev = _device(device, rec, threads)
     mdl, info = _load_for_export(checkpoint, rec, model, model_args, data, trust, input_shape, num_classes)
     settings = rec.analyze if rec is not None else None
     result = run_analyze(mdl.to(dev), info, data, device=dev, settings=settings, target_macs=target_macs,

@@ -67,7 +67,7 @@ def test_bad_override_names_the_field(tmp_path):
 
 def test_quickstart_end_to_end(tmp_path):
     run = tmp_path / "run"
-    res = invoke("compress", REPO / "recipes" / "quickstart.yaml", "--out", run, "--json", *FAST)
+    res = invoke("compress", REPO / "recipes" / "quickstart.yaml", "--out", run, "--json", "--threads", "1", *FAST)
     assert res.exit_code in (0, 3), res.output
     result = json.loads(res.stdout)
     assert result["student"]["macs"] <= 0.3 * result["teacher"]["macs"] * 1.0001
