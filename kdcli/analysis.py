@@ -46,7 +46,7 @@ from torch import nn
 
 from kdcli.console import Reporter
 from kdcli.errors import DataError, ModelError
-from kdcli.sensitivity import eval_mode
+from kdcli.train import eval_mode
 
 SCHEMA_VERSION = 1
 _ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU)

@@ -38,6 +38,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kdcli.errors import InputError, ModelError
+from kdcli.train import eval_mode
 
 IMPORTANCES = ("magnitude", "magnitude-l1", "taylor", "activation", "bn-scale")
 _ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -56,18 +57,6 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
     with torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(model, example)
     return int(round(float(macs))), int(params)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside (no BatchNorm updates, no dropout); each module's own flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @contextmanager
@@ -95,7 +84,7 @@ def _output_layer(model: nn.Module, example: torch.Tensor) -> str | None:
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, o)))
              for n, m in model.named_modules() if isinstance(m, _ROOT_TYPES)]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = _first_tensor(model(example))
     finally:
         for h in hooks:
@@ -186,7 +175,7 @@ class StructuredPruner:
         if out_name is not None:
             ignored.append(modules[out_name])
         self._ignored = ignored
-        with _eval_mode(model), _grads_enabled(model):
+        with eval_mode(model), _grads_enabled(model):
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
             self._out_shape = _first_tensor(model(example)).shape
         self._excluded: frozenset = frozenset()
@@ -240,7 +229,7 @@ class StructuredPruner:
         if x.is_floating_point():  # a random input: a zero one leaves fresh BatchNorm nets all zero
             x = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
         bad = []
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             snap = _Snapshot(self.dg, self.model)
             for name, group in self._groups.items():
                 n = len(group[0].idxs)
@@ -281,7 +270,7 @@ class StructuredPruner:
         if crit in ("taylor", "activation") and not batches:
             raise InputError(f"prune.importance: {crit} scores channels from data; no batches were given")
         magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             if crit == "taylor":
                 with _taylor_gradients(self.model, batches):
                     raw = self._raw(tp.importance.GroupTaylorImportance(normalizer=None))
@@ -425,7 +414,7 @@ class StructuredPruner:
             self._group_of(name, idxs).prune(record_history=record)
 
     def _check_forward(self) -> None:
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             shape = _first_tensor(self.model(self.example)).shape
         if shape != self._out_shape:
             raise RuntimeError(f"output shape {list(shape)}, expected {list(self._out_shape)}")
@@ -601,7 +590,7 @@ def replay_history(model: nn.Module, example: torch.Tensor, history: list) -> No
         except (TypeError, ValueError):
             raise ModelError(f"pruning history entry {i}: expected [module path, is_out_channel, [indices]], got {entry!r}") from None
     modules = dict(model.named_modules())
-    with _eval_mode(model), _grads_enabled(model):
+    with eval_mode(model), _grads_enabled(model):
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     for i, entry in enumerate(entries):
         if entry[0] not in modules:

@@ -34,34 +34,21 @@ ratio, top-1 is measured on the prepared validation batches, and the model is re
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from kdcli.granularity import GranularityMap, LayerGranularity
 from kdcli.taps import first_tensor, resolve_modules, unwrap
+from kdcli.train import eval_mode
 
 PCA_LEVELS = (0.90, 0.95, 0.99)
 WEIGHT_FLOOR = 0.1  # a feature's distillation weight never drops below this share of the mean
 
 
 # ----------------------------------------------------------------------------- activation pass
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside (BatchNorm uses running statistics, no dropout); every module's own
-    train/eval flag is put back afterwards, so a partly frozen model stays as it was."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @dataclass
