@@ -81,6 +81,7 @@ class State:
     best_val: float = -1.0
     pruning_done: bool = False
     finished: bool = False
+    failed_macs: int | None = None  # MACs the last undone attempt cut to: its retry must cut less
 
 
 @dataclass
@@ -245,7 +246,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         aim = _next_macs(macs, target_macs, steps_left, state.aggressiveness)
         before = copy.deepcopy(student)
         torch.manual_seed(recipe.seed + 1000 * state.attempts)
-        tau, new_history = _prune_step(recipe, student, example, data, device, aim, k, reporter)
+        tau, new_history = _prune_step(recipe, student, example, data, device, aim, k, reporter, state.failed_macs)
         new_macs, new_params = _resources(student, example)
         reporter.info(f"step {k}: τ={tau if tau is None else round(tau, 4)}  MACs {macs:,} → {new_macs:,} "
                       f"({new_macs / t_macs:.3f} of teacher), params {new_params:,}")
@@ -266,20 +267,26 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         drop = t_val - acc
         latency = _latency_ms(student, data) if target.latency_ms is not None else None
         retries_left = state.attempts < max_attempts
-        if drop > budget and retries_left and state.aggressiveness > 1 / 16:
+        # Right after its short distillation a step may cost up to step_tolerance x the budget:
+        # later steps and the final distillation win part of it back; the result must meet it.
+        allowed = recipe.prune.step_tolerance * budget
+        if drop > allowed and retries_left and state.aggressiveness > 1 / 16:
             state.aggressiveness /= 2
-            accepted, reason = False, (f"accuracy drop {100 * drop:.2f} pt > budget {100 * budget:.2f} pt: "
+            state.failed_macs = new_macs
+            accepted, reason = False, (f"accuracy drop {100 * drop:.2f} pt > {100 * allowed:.2f} pt allowed per step: "
                                        f"undone, aggressiveness halved to {state.aggressiveness:.3g}")
             student = before
         else:
             accepted = True
+            state.failed_macs = None
             if drop <= budget / 2:
                 state.aggressiveness = min(2.0, state.aggressiveness * 1.5)
                 reason = f"accuracy held (drop {100 * drop:.2f} pt): aggressiveness raised to {state.aggressiveness:.3g}"
-            elif drop > budget:
-                reason = f"drop {100 * drop:.2f} pt over budget, no retries left: kept"
+            elif drop > allowed:
+                reason = f"drop {100 * drop:.2f} pt over what a step may cost, no retries left: kept"
             else:
-                reason = f"drop {100 * drop:.2f} pt within budget: aggressiveness kept at {state.aggressiveness:.3g}"
+                reason = (f"drop {100 * drop:.2f} pt within {100 * allowed:.2f} pt per step: aggressiveness "
+                          f"kept at {state.aggressiveness:.3g}")
             state.accepted_steps = k
             sinfo.pruning_history = sinfo.pruning_history + new_history
             path = f"steps/step_{k:03d}.kdc"
@@ -424,8 +431,10 @@ def _score_batches(recipe, data, device):
     return out
 
 
-def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter):
-    """Score, choose τ for ``aim_macs`` and prune ``student`` in place; returns (τ, history)."""
+def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, failed_macs=None):
+    """Score, choose τ for ``aim_macs`` and prune ``student`` in place; returns (τ, history).
+    ``failed_macs``: an undone attempt of this step cut to these MACs, so τ is lowered until the
+    plan cuts less (coarse plans, e.g. with ``round_to``, would otherwise repeat it)."""
     from kdcli.prune import StructuredPruner
 
     pruner = StructuredPruner(student, example, importance=recipe.prune.importance,
@@ -440,6 +449,11 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter):
         pruner.prune_ratios(ratios, scores)
         return None, pruner.history()
     tau = pruner.tau_for_macs(scores, aim_macs)
+    if failed_macs is not None:
+        for _ in range(30):
+            if pruner.plan_macs(pruner.plan_below(scores, tau)) > failed_macs:
+                break
+            tau *= 0.9
     pruner.apply(pruner.plan_below(scores, tau))
     return float(tau), pruner.history()
 

@@ -114,6 +114,8 @@ class PruneSpec(Strict):
     importance: Literal["magnitude", "magnitude-l1", "taylor", "activation", "bn-scale"] = "magnitude"
     steps: int = Field(4, ge=1, le=100)
     max_retries: int = Field(2, ge=0, le=10)
+    # a step may cost step_tolerance x target.max_accuracy_drop before later distillation recovers it
+    step_tolerance: float = Field(2.0, ge=1, le=100)
     round_to: int | None = Field(None, ge=1)
     ignored_layers: list[str] = Field(default_factory=list)
     ratios_from: str | None = None  # analysis.json whose suggested ratios seed the first step
