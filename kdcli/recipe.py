@@ -23,28 +23,14 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       model_validator)
 
 from kdcli.data import DataSpec
+from kdcli.ensembles.spec import DiversifiedSpec, SpecialistsSpec
 from kdcli.errors import RecipeError
 from kdcli.losses.spec import DEFAULT_LOSSES, LossSpec
+from kdcli.train import TrainSpec  # noqa: F401  (recipes name it; it lives with the loop it drives)
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class TrainSpec(Strict):
-    """One training phase: teacher training, distillation per DKDP step, or final fine-tuning."""
-
-    epochs: int = Field(10, ge=0)
-    lr: float = Field(0.05, gt=0, le=10)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "step", "constant", "onecycle"] = "cosine"
-    warmup_epochs: int = Field(0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(5.0, gt=0)
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
 
 
 class ModelRef(Strict):
@@ -57,11 +43,6 @@ class ModelRef(Strict):
 class TeacherSpec(ModelRef):
     checkpoint: str | None = None
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=20))
-
-
-# Ensemble teachers (issue 7). kdcli.ensembles.spec imports TrainSpec from this module, so this
-# import must stay below TrainSpec.
-from kdcli.ensembles.spec import DiversifiedSpec, SpecialistsSpec  # noqa: E402
 
 
 def _teacher_kind(v: Any) -> str:

@@ -18,13 +18,33 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from kdcli.errors import InputError, TrainingDiverged
+
+class TrainSpec(BaseModel):
+    """One training phase (a recipe's ``train:``): teacher training, distillation per DKDP step,
+    or final fine-tuning. Read by :func:`fit`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(0.05, gt=0, le=10)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant", "onecycle"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(5.0, gt=0)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+
 
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -85,7 +105,7 @@ def cross_entropy_objective(model: nn.Module, label_smoothing: float = 0.0) -> O
 
 
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """The optimizer of a :class:`kdcli.recipe.TrainSpec`. Biases and norm weights get no decay."""
+    """The optimizer of a :class:`TrainSpec`. Biases and norm weights get no decay."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]

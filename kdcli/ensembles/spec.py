@@ -26,8 +26,7 @@ Diversified (the adaptive-granularity design)::
       diversity_weight: 1.0
       granularity: null         # null: computed from each predecessor; or a granularity.json
 
-``TrainSpec`` lives in :mod:`kdcli.recipe`, which imports this module for its ``teacher`` field;
-the import sits at the bottom of this file so that either module may be imported first.
+``TrainSpec`` is the training loop's (:mod:`kdcli.train`), shared with :mod:`kdcli.recipe`.
 """
 
 from __future__ import annotations
@@ -36,13 +35,15 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kdcli.train import TrainSpec
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 def _train(**kw):
-    return lambda: TrainSpec(**kw)  # noqa: F821 - bound at the bottom of the module
+    return lambda: TrainSpec(**kw)
 
 
 class GeneralistSpec(_Strict):
@@ -52,7 +53,7 @@ class GeneralistSpec(_Strict):
     model: str | None = None
     model_args: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
-    train: TrainSpec = Field(default_factory=_train(epochs=20))  # noqa: F821
+    train: TrainSpec = Field(default_factory=_train(epochs=20))
 
     @model_validator(mode="after")
     def _source(self) -> "GeneralistSpec":
@@ -70,7 +71,7 @@ class SpecialistsSpec(_Strict):
     num_specialists: int = Field(2, ge=1, le=1000)
     subset_size: int | None = Field(None, ge=2)
     top_n: int = Field(1, ge=1)
-    train: TrainSpec = Field(default_factory=_train(epochs=5, lr=0.02))  # noqa: F821
+    train: TrainSpec = Field(default_factory=_train(epochs=5, lr=0.02))
     inference_steps: int = Field(50, ge=0, le=10_000)
     inference_lr: float = Field(1.0, gt=0, le=100)
     cluster_samples: int = Field(10_000, ge=10)  # transfer-set samples that estimate the covariance
@@ -90,7 +91,7 @@ class DiversifiedSpec(_Strict):
     members: int = Field(3, ge=2, le=100)
     model: str
     model_args: dict[str, Any] = Field(default_factory=dict)
-    train: TrainSpec = Field(default_factory=_train(epochs=10))  # noqa: F821
+    train: TrainSpec = Field(default_factory=_train(epochs=10))
     diversity_weight: float = Field(1.0, ge=0)
     layers: Union[Literal["auto"], list[str]] = "auto"
     granularity: str | None = None  # a granularity.json; null: computed from each predecessor
@@ -108,8 +109,3 @@ class DiversifiedSpec(_Strict):
 EnsembleSpec = Union[SpecialistsSpec, DiversifiedSpec]
 ENSEMBLE_KINDS = ("specialists", "diversified")
 
-# At the bottom: kdcli.recipe imports this module (for TeacherSpec) after defining TrainSpec.
-from kdcli.recipe import TrainSpec  # noqa: E402
-
-for _cls in (GeneralistSpec, SpecialistsSpec, DiversifiedSpec):
-    _cls.model_rebuild()
