@@ -325,9 +325,14 @@ class DataBundle:
         return data
 
     def loader(self, split: str, *, train: bool, batch_size: int | None = None, device="cpu",
-               seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> BatchLoader:
+               seed: int = 0, rank: int | None = None, world_size: int | None = None,
+               drop_last: bool = False) -> BatchLoader:
         """A :class:`BatchLoader` over ``split``; ``batch_size`` defaults to the recipe's
-        ``batch_size`` (train=True) or ``eval_batch_size``."""
+        ``batch_size`` (train=True) or ``eval_batch_size``. ``rank``/``world_size`` default to
+        the process group's when torch.distributed is initialised (under ``torchrun``), so each
+        rank trains on its own shard of the same seeded permutation."""
+        if rank is None or world_size is None:
+            rank, world_size = _rank_and_world()
         bs = batch_size or (self.batch_size if train else self.eval_batch_size)
         return BatchLoader(self.split(split), batch_size=bs, train=train, mean=self.mean, std=self.std,
                            scale=self.scale, augment=self.augment, device=device, seed=seed, rank=rank,
@@ -343,6 +348,13 @@ class DataBundle:
             return x, y
         dev = torch.device(device)
         return torch.zeros((0, *self.input_shape), device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def load_data(spec: DataSpec, *, base_dir: Path, seed: int) -> DataBundle:
