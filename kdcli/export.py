@@ -404,6 +404,7 @@ def run_export(student: nn.Module, info: dict, out_dir: str | Path, *, teacher: 
         acc = {role: float((onnx_logits(make_session(p), x_eval).argmax(1) == y).mean()) for role, p in paths.items()}
         accuracy = {"samples": int(len(y)), "student_onnx": acc["student"], "teacher_onnx": acc.get("teacher"),
                     "student_pytorch": float((torch_logits(student, x_eval).argmax(1) == y).mean()),
+                    "teacher_pytorch": None if teacher is None else float((torch_logits(teacher, x_eval).argmax(1) == y).mean()),
                     "drop_pt": None if t is None else 100 * (acc["teacher"] - acc["student"])}
 
     providers = available_providers()

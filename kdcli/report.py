@@ -53,7 +53,8 @@ REPORT_SCHEMA = {
                    "properties": {"size": _NUM, "macs": _NUM, "params": _NUM}},
         "accuracy": {"type": ["object", "null"], "required": ["samples", "student_onnx", "student_pytorch", "teacher_onnx"],
                      "properties": {"samples": {"type": "integer"}, "student_onnx": _NUM, "student_pytorch": _NUM,
-                                    "teacher_onnx": _NUM_OR_NULL, "drop_pt": _NUM_OR_NULL}},
+                                    "teacher_onnx": _NUM_OR_NULL, "teacher_pytorch": _NUM_OR_NULL,
+                                    "drop_pt": _NUM_OR_NULL}},
         "latency": {"type": "object",
                     "required": ["batch_sizes", "time_budget_s", "primary_provider", "onnxruntime", "pytorch", "speedup"],
                     "properties": {"batch_sizes": {"type": "array", "items": {"type": "integer"}},
@@ -152,7 +153,7 @@ def _resource_rows(report: dict) -> list[list[str]]:
         drop = acc.get("drop_pt")
         rows.append(["accuracy (ONNX)", _pct(acc.get("teacher_onnx")), _pct(acc.get("student_onnx")),
                      "–" if drop is None else f"{drop:+.2f} pt drop"])
-        rows.append(["accuracy (PyTorch)", "–", _pct(acc.get("student_pytorch")), ""])
+        rows.append(["accuracy (PyTorch)", _pct(acc.get("teacher_pytorch")), _pct(acc.get("student_pytorch")), ""])
     return rows
 
 
