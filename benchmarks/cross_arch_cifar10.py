@@ -97,10 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--teacher", type=Path, default=None, help="a trained teacher .kdc to use instead of training one")
     ap.add_argument("--out", type=Path, default=Path("/tmp/kdcli-bench/cross_arch_cifar10.html"),
                     help="the HTML report")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 1,000 images, 2 + 2 epochs, 2 seeds")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2,000 images, teacher 4 / students 3 epochs, 2 seeds")
     args = ap.parse_args(argv)
     if args.quick:
-        args.limit_train, args.teacher_epochs, args.student_epochs, args.seeds = 1000, 2, 2, 2
+        args.limit_train, args.teacher_epochs, args.student_epochs, args.seeds = 2000, 4, 3, 2
     if args.seeds < 1 or not args.lrs:
         ap.error("--seeds must be >= 1 and --lrs non-empty")
     return args

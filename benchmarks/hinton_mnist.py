@@ -94,11 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (0: torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--teacher", type=Path, default=None, help="a trained teacher .kdc to use instead of training one")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 6,000 images, 1 epoch each, 2 seeds")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 6,000 images, teacher 3 / students 2 epochs, 2 seeds")
     args = ap.parse_args(argv)
     if args.quick:
         args.limit_train = 6000
-        args.teacher_epochs, args.student_epochs, args.seeds = 1, 1, 2
+        args.teacher_epochs, args.student_epochs, args.seeds = 3, 2, 2
     if args.seeds < 1 or not args.lrs:
         ap.error("--seeds must be >= 1 and --lrs non-empty")
     args.limit_train = args.limit_train or None
