@@ -218,3 +218,15 @@ def test_spec_parsing_and_defaults():
                 {"kind": "at", "granularity": True}):
         with pytest.raises(ValidationError):
             ta.validate_python(bad)
+
+
+def test_gaussian_entropy_by_hand():
+    from kdcli.losses.vid import gaussian_entropy
+
+    # channel 0: values 1, 3 -> variance 1; channel 1: values 0, 4 -> variance 4 (over samples)
+    t = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    eps = 1e-5
+    h0 = 0.5 * math.log(1 + eps) + 0.5
+    h1 = 0.5 * math.log(4 + eps) + 0.5
+    assert gaussian_entropy(t).item() == pytest.approx(h0 + h1, abs=1e-6)
+    assert gaussian_entropy(t, torch.tensor([0.0, 2.0])).item() == pytest.approx(2 * h1, abs=1e-6)

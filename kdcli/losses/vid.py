@@ -38,6 +38,15 @@ def vid_nll(mu: torch.Tensor, var: torch.Tensor, t: torch.Tensor, weight: torch.
     return per.sum() if weight is None else (weight * per).sum()
 
 
+def gaussian_entropy(t: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """``Σ_c w_c·(½·log Var(t_c) + ½)``: the differential entropy of a Gaussian with each channel's
+    batch variance (over samples and positions), ½·log 2π dropped as in :func:`vid_nll`, so that
+    ``H(t) − nll`` estimates the variational lower bound on I(t; s) (Ahn et al. 2019, eq. 2)."""
+    dims = [0] + list(range(2, t.dim()))
+    h = 0.5 * t.detach().float().var(dim=dims, unbiased=False).add(eps).log() + 0.5
+    return h.sum() if weight is None else (weight * h).sum()
+
+
 class VIDRegressor(nn.Module):
     """μ(s) and σ² of q(t|s): the paper's three 1x1 convolutions with ReLU in between (three
     Linear layers for vectors), hidden width = the teacher's channels as in the authors' code, and
@@ -123,5 +132,14 @@ class VIDTerm(Term):
             s, t = (to_vector(s), to_vector(t)) if size is None else (pool_to(s, size), pool_to(t, size))
             mu, var = self.regressors[f"{i}_{j}"](s)
             g = self.grains[i]
-            total = total + lam[i, j] * vid_nll(mu, var, t, g.weight, g.critical)
+            nll = vid_nll(mu, var, t, g.weight, g.critical)
+            if self.learned:
+                # λ follows the information per teacher channel, not the raw bound: value and
+                # student gradients are those of Σ λ·nll, but λ's gradient is that of
+                # Σ λ·(nll − H(t_i)) / C_i. Raw nll omits H(t_i), which differs between teacher
+                # layers and grows with their channel count, so λ collapsed onto the smallest one.
+                excess = ((nll - gaussian_entropy(t, g.weight)) / t.shape[1]).detach()
+                total = total + lam[i, j].detach() * nll + (lam[i, j] - lam[i, j].detach()) * excess
+            else:
+                total = total + lam[i, j] * nll
         return total
