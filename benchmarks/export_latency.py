@@ -28,7 +28,8 @@ import torch_pruning as tp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from kdcli.export import count_macs_params, export_onnx, verify_onnx  # noqa: E402
+from kdcli.export import export_onnx, verify_onnx  # noqa: E402
+from kdcli.prune import count_macs_params  # noqa: E402
 from kdcli.latency import default_threads, measure_latency  # noqa: E402
 from kdcli.models import build_model  # noqa: E402
 

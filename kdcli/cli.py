@@ -233,6 +233,8 @@ def _split_ints(text: str, what: str) -> list[int]:
     return vals
 
 
+MODEL = typer.Option(None, "--model", help="Model spec for a plain checkpoint: built-in name, pkg.mod:factory or file.py:factory.")
+MODEL_ARGS = typer.Option(None, "--model-args", help="JSON keyword arguments of --model.")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Input shape of a plain checkpoint's model without batch, e.g. 3,32,32 (else from --recipe).")
 NUM_CLASSES = typer.Option(None, "--num-classes", help="Number of classes of a plain checkpoint's model (else from --recipe).")
 
@@ -278,8 +280,7 @@ def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional
 def export(student: Path = typer.Argument(..., help="A kdcli model file (student.kdc), or a checkpoint with --model/--recipe."),
            teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher model file or checkpoint, measured alongside."),
            recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe: its data for accuracy and verification, its model spec and export settings."),
-           model: Optional[str] = typer.Option(None, "--model", help="Model spec for a plain checkpoint: built-in name, pkg.mod:factory or file.py:factory."),
-           model_args: Optional[str] = typer.Option(None, "--model-args", help="JSON keyword arguments of --model."),
+           model: Optional[str] = MODEL, model_args: Optional[str] = MODEL_ARGS,
            out: Path = typer.Option(Path("export"), "--out", help="Output directory for the .onnx files and reports."),
            batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes to time (default 1,64)."),
            opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18)."),
@@ -290,6 +291,7 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
 
     from kdcli.export import run_export
     from kdcli.recipe import load_recipe
+    from kdcli.teacher import export_info
 
     rec = load_recipe(recipe) if recipe is not None else None
     rep = _reporter(json_out)
@@ -312,9 +314,9 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     bs = _split_ints(batch_sizes, "--batch-sizes") if batch_sizes else (list(exp.batch_sizes) if exp else [1, 64])
     gates = list(fail_if or []) or (list(exp.fail_if) if exp else [])
     try:
-        report = run_export(s_model.cpu().eval(), _info_dict(s_info, data), out,
+        report = run_export(s_model.cpu().eval(), export_info(s_info, data), out,
                             teacher=None if t_model is None else t_model.cpu().eval(),
-                            teacher_info=None if t_info is None else _info_dict(t_info, data),
+                            teacher_info=None if t_info is None else export_info(t_info, data),
                             x_eval=x_eval, y_eval=y_eval, batch_sizes=tuple(bs),
                             opset=opset or (exp.opset if exp else 18), gates=gates,
                             time_budget_s=exp.latency_budget_s if exp else 2.0, reporter=rep)
@@ -332,15 +334,6 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
         raise GateError("; ".join(failures))
 
 
-def _info_dict(info, data) -> dict:
-    meta = info.metadata or {}
-    return {"name": info.name, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
-            "mean": list(data.mean) if data is not None else meta.get("mean"),
-            "std": list(data.std) if data is not None else meta.get("std"),
-            "scale": data.scale if data is not None else meta.get("scale", 1.0),
-            "class_names": list(data.class_names) if data is not None else meta.get("class_names")}
-
-
 # -------------------------------------------------------------------------------------- analyze
 
 
@@ -349,8 +342,7 @@ def _info_dict(info, data) -> dict:
 def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or a checkpoint with --model/--recipe."),
             recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe: model spec, data and analyze settings."),
             data_flag: Optional[str] = typer.Option(None, "--data", help="Data for the data-driven figures: digits, or KIND:PATH (idx:DIR, cifar10-bin:DIR, tensors:FILE, image-folder:DIR)."),
-            model: Optional[str] = typer.Option(None, "--model", help="Model spec for a plain checkpoint."),
-            model_args: Optional[str] = typer.Option(None, "--model-args", help="JSON keyword arguments of --model."),
+            model: Optional[str] = MODEL, model_args: Optional[str] = MODEL_ARGS,
             out: Optional[Path] = typer.Option(None, "--out", help="Write analysis.json, sensitivity.csv, granularity.json and report.html here."),
             target_macs: Optional[float] = typer.Option(None, "--target-macs", help="MACs fraction for the suggested per-group ratios (default 0.5)."),
             details: bool = typer.Option(False, "--details", help="Print the per-layer and per-group tables, not only the summary."),

@@ -33,13 +33,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from kdcli.console import Reporter
 from kdcli.errors import GateError, InputError, TrainingDiverged
+from kdcli.prune import count_macs_params
 from kdcli.recipe import Recipe, load_recipe, parse_recipe
 from kdcli.run import atomic_write_json, atomic_write_text
-from kdcli.teacher import ModelInfo, data_metadata, load_model_any, obtain_teacher, save_model
+from kdcli.teacher import ModelInfo, data_metadata, export_info, load_model_any, obtain_teacher, save_model
 from kdcli.train import evaluate, fit, is_main_process, tensor_batches
 
 STATE_VERSION = 1
@@ -98,12 +98,6 @@ class CompressResult:
         return {"run_dir": str(self.run_dir), "teacher": self.teacher, "student": self.student,
                 "steps": self.steps, "target_met": self.target_met, "gate_failures": self.gate_failures,
                 "export": self.export}
-
-
-def _resources(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    from kdcli.prune import count_macs_params
-
-    return count_macs_params(model, example)
 
 
 def _absolute(target: float | None, reference: int) -> float | None:
@@ -208,7 +202,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
 
     teacher, tinfo = obtain_teacher(recipe, data, device, rd.path, reporter, trust)
     teacher.eval()
-    t_macs, t_params = _resources(teacher, example)
+    t_macs, t_params = count_macs_params(teacher, example)
     t_val = evaluate(teacher, val, device)["accuracy"]
     teacher_summary = {"model": tinfo.metadata.get("ensemble_label", tinfo.name), "macs": t_macs, "params": t_params, "val_accuracy": t_val}
     if test is not None:
@@ -234,7 +228,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
     # --- the DKDP loop -------------------------------------------------------------------------
     max_attempts = recipe.prune.steps + recipe.prune.max_retries
     while not state.pruning_done:
-        macs, params = _resources(student, example)
+        macs, params = count_macs_params(student, example)
         latency = _latency_ms(student, data) if target.latency_ms is not None and prune else None
         if not prune or meets(macs, params, latency) or state.attempts >= max_attempts:
             state.pruning_done = True
@@ -247,7 +241,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         before = copy.deepcopy(student)
         torch.manual_seed(recipe.seed + 1000 * state.attempts)
         tau, new_history = _prune_step(recipe, student, example, data, device, aim, k, reporter, state.failed_macs)
-        new_macs, new_params = _resources(student, example)
+        new_macs, new_params = count_macs_params(student, example)
         reporter.info(f"step {k}: τ={tau if tau is None else round(tau, 4)}  MACs {macs:,} → {new_macs:,} "
                       f"({new_macs / t_macs:.3f} of teacher), params {new_params:,}")
         try:
@@ -312,7 +306,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
             _distil(recipe, teacher, student, data, device, granularity, val, reporter, "distil", cfg,
                     seed=recipe.seed + 999_999, shared=shared)
             acc = evaluate(student, val, device)["accuracy"]
-            macs, params = _resources(student, example)
+            macs, params = count_macs_params(student, example)
             path = "steps/final.kdc"
             _save_student(rd.path / path, student, sinfo, recipe, data, {"val_accuracy": acc, "macs": macs, "params": params})
             state.student_file = path
@@ -326,7 +320,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
     chosen = state.best_file or state.student_file
     if chosen is not None:
         student, sinfo = _load_student(rd.path / chosen, recipe, data, device)
-    s_macs, s_params = _resources(student, example)
+    s_macs, s_params = count_macs_params(student, example)
     s_val = evaluate(student, val, device)["accuracy"]
     student_summary = {"model": sinfo.name, "file": "student.kdc", "from": chosen, "macs": s_macs, "params": s_params,
                        "val_accuracy": s_val, "macs_ratio": s_macs / t_macs, "params_ratio": s_params / t_params}
@@ -348,8 +342,8 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         x_eval, y_eval = data.eval_tensors("test" if data.test is not None else "val", torch.device("cpu"))
         try:
             result.export = run_export(
-                student.cpu(), _export_info(sinfo, data), rd.path / "export", teacher=teacher.cpu(),
-                teacher_info=_export_info(tinfo, data), x_eval=x_eval, y_eval=y_eval,
+                student.cpu(), export_info(sinfo, data), rd.path / "export", teacher=teacher.cpu(),
+                teacher_info=export_info(tinfo, data), x_eval=x_eval, y_eval=y_eval,
                 batch_sizes=tuple(recipe.export.batch_sizes), opset=recipe.export.opset,
                 gates=recipe.export.fail_if, time_budget_s=recipe.export.latency_budget_s, reporter=reporter)
         except GateError as exc:  # the export report is written; the verdict joins the others
@@ -373,12 +367,6 @@ def _unmet(macs, params, latency, t_macs, t_params, t_lat, ref_macs, ref_params)
     if t_lat is not None and (latency is None or latency > t_lat):
         parts.append(f"latency {latency:.3f} ms > target {t_lat} ms")
     return "target not met: " + "; ".join(parts)
-
-
-def _export_info(info: ModelInfo, data) -> dict:
-    return {"name": info.name, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-            "mean": list(data.mean), "std": list(data.std), "scale": data.scale,
-            "class_names": list(data.class_names)}
 
 
 def _initial_student(recipe, data, teacher, tinfo, state, rd, device):

@@ -102,12 +102,7 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything the terms need from the teacher for batch ``x``: ``{"logits": (N, K), ...}``."""
-        if self._t_taps.paths:
-            with self._t_taps:
-                t_logits = self.teacher(x)
-            feats = self._t_taps.collect()
-        else:
-            t_logits, feats = self.teacher(x), {}
+        t_logits, feats = _tapped_forward(self.teacher, self._t_taps, x)
         out = {"logits": t_logits}
         for term in self.terms:
             out.update(term.targets(t_logits, feats))
@@ -150,12 +145,7 @@ class Distiller(nn.Module):
             targets = self._cache.lookup(idx, x, self.teacher_targets)
         else:
             targets = self.teacher_targets(x)
-        if self._s_taps.paths:
-            with self._s_taps:
-                s_logits = self.student(x)
-            s_feats = self._s_taps.collect()
-        else:
-            s_logits, s_feats = self.student(x), {}
+        s_logits, s_feats = _tapped_forward(self.student, self._s_taps, x)
         loss, parts = 0.0, {}
         for term in self.terms:
             value = term(s_logits, s_feats, targets, y)
@@ -188,6 +178,15 @@ def _validate_spec(obj: dict, k: int):
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InputError(f"distill.losses[{k}]: {err['msg']} at {'.'.join(map(str, err['loc'][1:] or err['loc']))}") from None
+
+
+def _tapped_forward(model: nn.Module, taps: FeatureTaps, x: torch.Tensor):
+    """``(logits, {path: feature})`` of one forward pass; the hooks exist only during it."""
+    if not taps.paths:
+        return model(x), {}
+    with taps:
+        out = model(x)
+    return out, taps.collect()
 
 
 def _shape(t) -> str:

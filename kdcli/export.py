@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from kdcli.errors import ExportError, InputError
+from kdcli.prune import count_macs_params
 from kdcli.run import atomic_write_bytes
 
 INPUT_NAME = "input"
@@ -297,24 +298,6 @@ def _first_line(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------ the export pipeline
 
-def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """(MACs, parameters) of ``model`` for one input like ``example`` [1, ...] (torch-pruning's counter)."""
-    try:
-        from kdcli.prune import count_macs_params as count
-    except ImportError:  # kdcli.prune is optional here: it only wraps torch-pruning's counter
-        import torch_pruning as tp
-
-        def count(m, x):
-            return tp.utils.count_ops_and_params(m, x)
-    was = model.training
-    model.eval()
-    try:
-        macs, params = count(model, example[:1])
-    finally:
-        model.train(was)
-    return int(macs), int(params)
-
-
 def _model_metadata(info: dict, role: str) -> dict:
     import kdcli
 
@@ -385,7 +368,7 @@ def run_export(student: nn.Module, info: dict, out_dir: str | Path, *, teacher: 
         res = export_onnx(model, example, path, opset=opset, metadata=_model_metadata(minfo, role))
         notes += [f"{role}: {n}" for n in res["notes"]]
         ver = verify_onnx(path, model, x_eval if have_data else None)
-        macs, params = count_macs_params(model, example)
+        macs, params = count_macs_params(model, example[:1])
         entries[role] = {"name": str(minfo.get("name") or type(model).__name__), "file": path.name,
                          "size_bytes": res["size_bytes"], "exporter": res["exporter"], "opset": int(res["opset"]),
                          "external_data": res["external_data"], "export_notes": res["notes"],

@@ -39,6 +39,16 @@ def data_metadata(data: DataBundle) -> dict:
             "data": data.description}
 
 
+def export_info(info: ModelInfo, data: DataBundle | None = None) -> dict:
+    """What :func:`kdcli.export.run_export` records about a model: its spec and the input
+    normalisation, from ``data`` when given, else from the model file's metadata."""
+    meta = info.metadata or {}
+    norm = data_metadata(data) if data is not None else meta
+    return {"name": info.name, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
+            "mean": norm.get("mean"), "std": norm.get("std"), "scale": norm.get("scale", 1.0),
+            "class_names": norm.get("class_names")}
+
+
 def save_model(path: Path, model: nn.Module, info: ModelInfo) -> None:
     """Write a kdcli model file (rank 0 only)."""
     from kdcli.checkpoint import save_model_file
