@@ -257,7 +257,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
             rd.write_metrics(state.records)
             rd.write_json("state.json", asdict(state))
             continue
-        acc = evaluate(student, val, device)["accuracy"]
+        acc = _last_val(hist, student, val, device)
         drop = t_val - acc
         latency = _latency_ms(student, data) if target.latency_ms is not None else None
         retries_left = state.attempts < max_attempts
@@ -303,9 +303,9 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
             if state.best_file:
                 student, sinfo = _load_student(rd.path / state.best_file, recipe, data, device)
             cfg = recipe.distill.train.model_copy(update={"epochs": epochs})
-            _distil(recipe, teacher, student, data, device, granularity, val, reporter, "distil", cfg,
-                    seed=recipe.seed + 999_999, shared=shared)
-            acc = evaluate(student, val, device)["accuracy"]
+            hist = _distil(recipe, teacher, student, data, device, granularity, val, reporter, "distil", cfg,
+                           seed=recipe.seed + 999_999, shared=shared)
+            acc = _last_val(hist, student, val, device)
             macs, params = count_macs_params(student, example)
             path = "steps/final.kdc"
             _save_student(rd.path / path, student, sinfo, recipe, data, {"val_accuracy": acc, "macs": macs, "params": params})
@@ -472,6 +472,13 @@ def _distil(recipe, teacher, student, data, device, granularity, val, reporter, 
     res = fit(student, loader, cfg, objective=distiller, extra_modules=[distiller], val_batches=val, device=device,
               progress=lambda m: reporter.metrics(label, m), before_epoch=distiller.set_epoch)
     return res.history
+
+
+def _last_val(history: list, student, val, device) -> float:
+    """Validation accuracy of ``student`` now: fit() measured it after the last epoch."""
+    if history and "val_accuracy" in history[-1]:
+        return history[-1]["val_accuracy"]
+    return evaluate(student, val, device)["accuracy"]
 
 
 def _latency_ms(student, data) -> float:
