@@ -26,7 +26,7 @@ from kdcli.data import DataSpec
 from kdcli.ensembles.spec import DiversifiedSpec, SpecialistsSpec
 from kdcli.errors import RecipeError
 from kdcli.losses.spec import DEFAULT_LOSSES, LossSpec
-from kdcli.train import TrainSpec  # noqa: F401  (recipes name it; it lives with the loop it drives)
+from kdcli.train import TrainSpec
 
 
 class Strict(BaseModel):
