@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CACHE_DIR = Path(tempfile.gettempdir()) / "kdcli-bench"
 sys.path.insert(0, str(REPO))
 
 CASES = {
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="the recipe's full budget (wants a GPU: --device cuda)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--teacher", type=Path, help="a trained teacher (.kdc) to start from instead of training one")
+    ap.add_argument("--no-cache", action="store_true", help="train the teacher even when a cached one matches")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (1 on a CPU shared with other jobs: spinning threads contend)")
@@ -94,12 +97,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        if args.teacher:
-            teacher, tinfo = load_model_any(args.teacher, spec_name=None, spec_args=None, input_shape=data.input_shape,
+        # The teacher depends on the seed, data and teacher sections only: cache it by their hash.
+        key = hashlib.sha256(json.dumps([recipe.seed, recipe.data.model_dump(mode="json"),
+                                         recipe.teacher.model_dump(mode="json")], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:12]
+        cached = CACHE_DIR / f"dkdp-{args.case}-teacher-{key}.kdc"
+        source = args.teacher or (cached if cached.is_file() and not args.no_cache else None)
+        if source:
+            teacher, tinfo = load_model_any(source, spec_name=None, spec_args=None, input_shape=data.input_shape,
                                             num_classes=data.num_classes, base_dir=REPO)
             teacher = teacher.to(device)
+            out["teacher_source"] = str(source)
         else:
             teacher, tinfo, _ = train_teacher(recipe, data, device, log)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            save_model(cached, teacher, tinfo)
+            out["teacher_source"] = f"trained, cached at {cached}"
         teacher_file = tmp / "teacher.kdc"
         save_model(teacher_file, teacher, tinfo)
         out["teacher_seconds"] = round(time.perf_counter() - t0, 1)
@@ -125,7 +138,8 @@ def main() -> None:
         pruner = StructuredPruner(base, example, importance="magnitude", ignored_layers=recipe.prune.ignored_layers,
                                   round_to=recipe.prune.round_to)
         scores = pruner.score()
-        pruner.apply(pruner.plan_below(scores, pruner.tau_for_macs(scores, res.student["macs"])))
+        aim = res.student["macs"]
+        pruner.apply(pruner.fill_to_macs(scores, pruner.plan_below(scores, pruner.tau_for_macs(scores, aim)), aim))
         b_macs, b_params = count_macs_params(base, example)
         cfg = recipe.distill.train.model_copy(update={"epochs": epochs})
         fit(base, data.loader("train", train=True, device=device, seed=recipe.seed), cfg, device=device,

@@ -437,12 +437,16 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
         pruner.prune_ratios(ratios, scores)
         return None, pruner.history()
     tau = pruner.tau_for_macs(scores, aim_macs)
+    plan = pruner.plan_below(scores, tau)
     if failed_macs is not None:
         for _ in range(30):
-            if pruner.plan_macs(pruner.plan_below(scores, tau)) > failed_macs:
+            if pruner.plan_macs(plan) > failed_macs:
                 break
             tau *= 0.9
-    pruner.apply(pruner.plan_below(scores, tau))
+            plan = pruner.plan_below(scores, tau)
+    else:  # land on the aim, not below it: one τ moves in coarse steps
+        plan = pruner.fill_to_macs(scores, plan, aim_macs)
+    pruner.apply(plan)
     return float(tau), pruner.history()
 
 

@@ -401,6 +401,37 @@ class StructuredPruner:
                 lo = mid
         return cands[hi]
 
+    def fill_to_macs(self, scores: dict[str, torch.Tensor], plan: dict[str, list[int]], aim_macs: float,
+                     max_rounds: int = 256) -> dict[str, list[int]]:
+        """``plan`` with removed channels given back, best-scoring first, while MACs stay at or
+        below ``aim_macs``. One threshold moves in coarse steps where a channel is expensive (an
+        early conv at full resolution, ``round_to`` blocks), so the plan ``tau_for_macs`` finds
+        can land well below the aim; each round restores, in the group whose next block scores
+        highest among those that still fit, ``round_to`` channels (1 without it, a group's
+        whole remainder when fewer are left). Greedy, about one MAC count per group per round."""
+        self._check_scores(scores)
+        plan = {k: sorted(int(i) for i in v) for k, v in plan.items() if len(v)}
+        r = self.round_to or 1
+        blocked: set[str] = set()
+        for _ in range(max_rounds):
+            cands = []
+            for name, idxs in plan.items():
+                if name in blocked:
+                    continue
+                s = torch.as_tensor(scores[name], dtype=torch.float64).reshape(-1)
+                removed = sorted(idxs, key=lambda i: float(s[i]), reverse=True)
+                back = removed[:r] if len(removed) > r else removed
+                cands.append((float(s[back].mean()), name, set(back)))
+            if not cands:
+                break
+            _, name, back = max(cands, key=lambda c: c[0])
+            trial = {**plan, name: [i for i in plan[name] if i not in back]}
+            if self.plan_macs(trial) <= aim_macs:
+                plan = {k: v for k, v in trial.items() if v}
+            else:
+                blocked.add(name)  # its next block does not fit; later blocks of it score lower
+        return plan
+
     # --- pruning --------------------------------------------------------------------------------
     def _prune(self, plan: dict[str, list[int]], record: bool) -> None:
         for name, idxs in plan.items():

@@ -356,3 +356,32 @@ def test_replay_history_rejects_unknown_modules():
         replay_history(model, ex, [["features.1", True]])
     replay_history(model, ex, [["features.1", True, [0, 3]]])
     assert model.features[1].out_features == 14 and model.classifier.in_features == 14
+
+
+def test_fill_to_macs_lands_near_the_aim_in_round_to_blocks():
+    """One τ on a cnn3 moves in coarse steps (a conv1 block at full resolution is expensive):
+    filling gives back whole blocks, best-scoring first, without passing the aim."""
+    model, ex = _build("cnn3", (1, 28, 28), widths=[16, 32, 64], hidden=64)
+    _randomise_bn(model)
+    macs0 = count_macs_params(model, ex)[0]
+    p = StructuredPruner(model, ex, round_to=4)
+    scores = p.score()
+    aim = 0.3 * macs0
+    plan = p.plan_below(scores, p.tau_for_macs(scores, aim))
+    filled = p.fill_to_macs(scores, plan, aim)
+    before, after = p.plan_macs(plan), p.plan_macs(filled)
+    assert before <= after <= aim
+    assert after > before  # this case lands below the aim with τ alone
+    n = p.group_channels()
+    for g, idxs in filled.items():
+        assert set(idxs) <= set(plan[g])  # only gives back, never removes more
+        assert (n[g] - len(idxs)) % 4 == 0  # widths stay multiples of round_to
+        back = set(plan[g]) - set(idxs)
+        if back:  # what came back scores at least as high as what stayed removed
+            assert min(float(scores[g][i]) for i in back) >= max(float(scores[g][i]) for i in idxs)
+    # every group still removing channels cannot give back its next block within the aim
+    for g, idxs in filled.items():
+        nxt = sorted(idxs, key=lambda i: float(scores[g][i]), reverse=True)[:4]
+        assert p.plan_macs({**filled, g: [i for i in idxs if i not in nxt]}) > aim
+    p.apply(filled)
+    assert count_macs_params(model, ex)[0] == after
