@@ -28,7 +28,11 @@ layer pruning-sensitivity scan with suggested per-group ratios (see :mod:`kdcli.
 - ``suggested_ratios``: ``target_macs``, ``ratios`` (group → ratio, read by ``compress`` through
   ``prune.ratios_from``), ``predicted_macs``, ``predicted_macs_fraction``,
   ``predicted_accuracy``, ``reached``, ``method``;
-- ``timings``: seconds per phase (``static``, ``importance``, ``activation``, ``scan``);
+- ``clusters`` (with ``clusters=K`` and data, else null): the K confusable class subsets of
+  :func:`kdcli.ensembles.clusters.confusable_subsets` on the evaluation subset (Hinton et al.
+  2015, §5.3): ``subsets``, ``subset_names``, ``cluster_of_class``, ``covariance``, plus
+  ``class_names``, ``correlation`` (what K-means clustered), ``cluster_on``, ``split``, ``samples``;
+- ``timings``: seconds per phase (``static``, ``importance``, ``activation``, ``scan``, ``clusters``);
 - ``files``: the names written to ``out_dir`` (only when written).
 
 Data-driven sections are null without data. ``sensitivity.csv`` (group, ratio, accuracy, macs),
@@ -45,7 +49,7 @@ import torch
 from torch import nn
 
 from kdcli.console import Reporter
-from kdcli.errors import DataError, ModelError
+from kdcli.errors import DataError, InputError, ModelError
 from kdcli.train import eval_mode
 
 SCHEMA_VERSION = 1
@@ -200,9 +204,27 @@ def _activation_figures(model, example, batches, settings, seed: int, notes: lis
     return activity, {p: pca_redundancy(st["rows"]) for p, st in stats.items()}, gmap
 
 
+def _class_clusters(model, x: torch.Tensor, data, split: str, k: int, batch_size: int, seed: int) -> dict:
+    """The ``k`` confusable class subsets of ``model`` from its predicted probabilities on ``x``
+    [N, *input_shape] (Hinton et al. 2015, §5.3; K-means on the columns of the class correlation
+    matrix, :func:`kdcli.ensembles.clusters.confusable_subsets`), as JSON with class names."""
+    from kdcli.ensembles.clusters import class_correlation, confusable_subsets, predicted_probabilities
+
+    if len(x) < 2:  # a covariance needs two samples
+        raise DataError(f"data ({data.description}): --clusters needs at least 2 {split} samples, got {len(x)}")
+    probs = predicted_probabilities(model, [(x[i:i + batch_size],) for i in range(0, len(x), batch_size)], x.device)
+    found = confusable_subsets(probs, k, seed=seed, cluster_on="correlation")
+    names = list(data.class_names)
+    if len(names) != data.num_classes:  # a source without names: the class indices stand in
+        names = [str(c) for c in range(data.num_classes)]
+    corr = class_correlation(found.covariance)
+    return {**found.to_json(names), "class_names": names, "cluster_on": "correlation",
+            "correlation": [[round(float(v), 6) for v in row] for row in corr], "split": split, "samples": len(x)}
+
+
 def analyze(model: nn.Module, info, data=None, *, device: torch.device | None = None, settings=None,
             target_macs: float | None = None, out_dir: Path | None = None, reporter: Reporter | None = None,
-            seed: int = 0) -> dict:
+            seed: int = 0, clusters: int | None = None) -> dict:
     """Analyse ``model`` (described by a :class:`kdcli.teacher.ModelInfo`) and return the result
     documented in the module docstring; with ``out_dir``, also write analysis.json,
     sensitivity.csv, granularity.json (with data) and report.html there.
@@ -211,13 +233,17 @@ def analyze(model: nn.Module, info, data=None, *, device: torch.device | None = 
     figures only. ``settings``: a :class:`kdcli.recipe.AnalyzeSpec` (defaults otherwise);
     ``target_macs`` overrides its ``target_macs``. The model is left exactly as it was (weights,
     buffers, train/eval mode). Deterministic for a given ``seed``.
+
+    ``clusters``: group the classes into this many confusable subsets (2 .. num_classes − 1) from
+    the model's predicted probabilities on the evaluation subset (Hinton et al. 2015, §5.3); needs
+    ``data`` (without it, a note says so).
     """
     with eval_mode(model):  # every figure is of the model in eval mode; each module's flag comes back
         return _analyze(model, info, data, device=device, settings=settings, target_macs=target_macs,
-                        out_dir=out_dir, reporter=reporter, seed=seed)
+                        out_dir=out_dir, reporter=reporter, seed=seed, clusters=clusters)
 
 
-def _analyze(model, info, data, *, device, settings, target_macs, out_dir, reporter, seed) -> dict:
+def _analyze(model, info, data, *, device, settings, target_macs, out_dir, reporter, seed, clusters) -> dict:
     from kdcli.prune import StructuredPruner, count_macs_params
     from kdcli.recipe import AnalyzeSpec
     from kdcli.sensitivity import consumer_statistics, group_layers, pruning_sensitivity, suggest_ratios
@@ -227,6 +253,9 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
     target = float(target_macs if target_macs is not None else settings.target_macs)
     if not target > 0:
         raise DataError(f"--target-macs: expected a fraction in (0, 1] or a MACs count, got {target}")
+    if clusters is not None and not 2 <= clusters < info.num_classes:  # each subset must leave a class out
+        raise InputError(f"--clusters: expected 2..{info.num_classes - 1} (fewer subsets than the model's "
+                         f"{info.num_classes} classes), got {clusters}")
     reporter = reporter or Reporter(quiet=True)
     device = device or next(model.parameters()).device
     torch.manual_seed(seed)
@@ -281,16 +310,25 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
         suggested = suggest_ratios(curves, baseline_accuracy=acc0, total_macs=total_macs, target_macs=target,
                                    macs_of=lambda ratios: pruner.plan_macs(pruner.plan_ratios(ratios, scores)))
 
+    class_clusters = None
+    if clusters is not None and batches is None:
+        notes.append(f"clusters: --clusters {clusters} needs data (--data or --recipe); not computed")
+    elif clusters is not None:
+        t1 = time.perf_counter()
+        reporter.info(f"clustering the {info.num_classes} classes into {clusters} confusable subsets")
+        class_clusters = _class_clusters(model, x, data, split, clusters, data.eval_batch_size, seed)
+        timings["clusters"] = time.perf_counter() - t1
+
     result = {
         "schema_version": SCHEMA_VERSION,
         "model": {"name": info.name, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
                   "macs": total_macs, "params": total_params, "pruned": bool(info.pruning_history)},
         "data": None if data is None else {"description": data.description, "split": split, "samples": len(x)},
         "settings": {"ratios": list(settings.ratios), "target_macs": target, "eval_samples": settings.eval_samples,
-                     "critical_fraction": settings.critical_fraction, "seed": seed},
+                     "critical_fraction": settings.critical_fraction, "seed": seed, "clusters": clusters},
         "layers": layers, "groups": groups, "notes": notes,
         "activation_sensitivity": activity, "redundancy": redundancy,
-        "pruning_sensitivity": scan, "suggested_ratios": suggested,
+        "pruning_sensitivity": scan, "suggested_ratios": suggested, "clusters": class_clusters,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     if out_dir is not None:

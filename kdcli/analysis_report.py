@@ -85,6 +85,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
 def render_terminal(result: dict, reporter: Reporter, details: bool = False) -> None:
     """Print the summary table, then (``details``) the per-layer, per-group and per-tapped-layer
     tables, through ``reporter`` (rich on a terminal, plain text in logs)."""
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="kdcli analyze", show_header=False)
@@ -93,6 +94,8 @@ def render_terminal(result: dict, reporter: Reporter, details: bool = False) -> 
     for row in summary_rows(result):
         t.add_row(*row)
     reporter.print_renderable(t)
+    for line in cluster_lines(result):
+        reporter.info(escape(line))  # class names are the user's text, not rich markup
     for note in result["notes"]:
         reporter.info(f"note: {note}")
     if not details:
@@ -104,6 +107,17 @@ def render_terminal(result: dict, reporter: Reporter, details: bool = False) -> 
         for r in rows:
             table.add_row(*[f"{v:,}" if isinstance(v, int) else str(v) for v in r])
         reporter.print_renderable(table)
+
+
+def cluster_lines(result: dict) -> list[str]:
+    """One line per confusable class subset (Hinton et al. 2015, §5.3), e.g.
+    ``confusable subset 1/3: T-shirt, Shirt``; none when the analysis found no clusters."""
+    c = result.get("clusters")
+    if not c:
+        return []
+    n = len(c["subset_names"])
+    head = f"confusable classes ({c['cluster_on']} of predicted probabilities, {c['samples']} {c['split']} samples):"
+    return [head] + [f"  subset {i + 1}/{n}: {', '.join(names)}" for i, names in enumerate(c["subset_names"])]
 
 
 def detail_tables(result: dict) -> list[tuple[str, list[str], list[list]]]:
@@ -140,10 +154,37 @@ def _chunks(items: list, n: int) -> list[list]:
     return [items[i:i + n] for i in range(0, len(items), n)] or [[]]
 
 
+_HEATMAP_MAX_CLASSES = 40  # beyond this a K×K heatmap is unreadable and heavy; the table stays
+
+
+def _clusters_html(c: dict | None) -> list[str]:
+    """The "Confusable classes" section: the subsets and the class correlation heatmap, its rows
+    and columns ordered by subset so that confusable classes form blocks on the diagonal."""
+    from kdcli.charts import heatmap, html_table
+
+    if not c:
+        return []
+    parts = ["<h2>Confusable classes</h2>",
+             f"<p>K-means on the columns of the {html.escape(c['cluster_on'])} matrix of the model's predicted "
+             f"probabilities on {c['samples']} {html.escape(c['split'])} samples groups the classes it confuses "
+             "(Hinton et al. 2015, §5.3: the class subsets of specialist models).</p>",
+             html_table(["subset", "classes"], [[i + 1, ", ".join(s)] for i, s in enumerate(c["subset_names"])])]
+    names, labels = c["class_names"], c["cluster_of_class"]
+    if len(names) > _HEATMAP_MAX_CLASSES:
+        return parts + [f"<p>{len(names)} classes: the correlation heatmap is shown for at most "
+                        f"{_HEATMAP_MAX_CLASSES}.</p>"]
+    order = sorted(range(len(names)), key=lambda k: (labels[k], k))
+    grid = [[round(c["correlation"][i][j], 2) for j in order] for i in order]  # two decimals: the labels fit
+    ticks = [names[k] for k in order]
+    return parts + ['<div class="charts">', heatmap(grid, ticks, ticks, title="Class correlation of predicted "
+                                                    "probabilities (ordered by subset)"), "</div>"]
+
+
 def report_html(result: dict) -> str:
     """The self-contained HTML report (inline SVG charts from :mod:`kdcli.charts`, no scripts):
     summary, MACs and parameters per layer, pruning-sensitivity curves and suggested ratios,
-    importance histograms, the critical-feature map and PCA explained-variance curves."""
+    importance histograms, the critical-feature map, PCA explained-variance curves and (with
+    clusters) the confusable class subsets with their correlation heatmap."""
     from kdcli.charts import bar_chart, heatmap, histogram, html_page, html_table, line_chart
 
     m, tables = result["model"], detail_tables(result)
@@ -215,4 +256,5 @@ def report_html(result: dict) -> str:
                   line_chart(series, title="Explained variance", x_label="principal components",
                              y_label="cumulative variance (%)"), "</div>"]
         parts.append(html_table(*tables[2][1:]))
+    parts += _clusters_html(result.get("clusters"))
     return html_page(f"kdcli analyze: {m['name']}", "\n".join(parts))

@@ -346,6 +346,9 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
             out: Optional[Path] = typer.Option(None, "--out", help="Write analysis.json, sensitivity.csv, granularity.json and report.html here."),
             target_macs: Optional[float] = typer.Option(None, "--target-macs", help="MACs fraction for the suggested per-group ratios (default 0.5)."),
             details: bool = typer.Option(False, "--details", help="Print the per-layer and per-group tables, not only the summary."),
+            clusters: Optional[int] = typer.Option(None, "--clusters", metavar="K",
+                                                   help="Group the classes into K confusable subsets (Hinton et al. 2015 "
+                                                        "specialists) from the model's predicted probabilities; needs data."),
             input_shape: Optional[str] = INPUT_SHAPE, num_classes: Optional[int] = NUM_CLASSES,
             device: Optional[str] = DEVICE, trust: bool = TRUST, threads: Optional[int] = THREADS,
             json_out: bool = JSON, debug: bool = DEBUG) -> None:
@@ -361,7 +364,7 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
     mdl, info = _load_for_export(checkpoint, rec, model, model_args, data, trust, input_shape, num_classes)
     settings = rec.analyze if rec is not None else None
     result = run_analyze(mdl.to(dev), info, data, device=dev, settings=settings, target_macs=target_macs,
-                         out_dir=out, reporter=rep, seed=rec.seed if rec is not None else 0)
+                         out_dir=out, reporter=rep, seed=rec.seed if rec is not None else 0, clusters=clusters)
     if json_out:
         _emit_json(result)
     else:

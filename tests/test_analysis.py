@@ -359,3 +359,80 @@ def test_cli_analyze_writes_everything_with_data(tmp_path):
     assert [g["name"] for g in obj["groups"]] == ["features.1"] and len(obj["pruning_sensitivity"]["curves"]["features.1"]) == 9
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["analysis.json", "granularity.json", "report.html",
                                                                     "sensitivity.csv"]
+
+
+# ----------------------------------------------------------------------------- confusable classes
+
+
+class ConfusesAAndC(nn.Module):
+    """Logits W·x through relu(x) − relu(−x): class a (0) and class c (2) are both driven by x0
+    (c a little by x2 too), b by x1 and d by x2, so the model spreads its probability over a and c
+    on the same inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(3, 6, bias=False)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(6, 4, bias=False)
+        w = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [3.0, 0.0, 0.5], [0.0, 0.0, 3.0]])
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.cat([torch.eye(3), -torch.eye(3)]))
+            self.out.weight.copy_(torch.cat([w, -w], 1))
+
+    def forward(self, x):
+        return self.out(self.act(self.hidden(x)))
+
+
+def confusing_data() -> DataBundle:
+    g = torch.Generator().manual_seed(0)
+    train, val = torch.randn(50, 3, generator=g), torch.randn(80, 3, generator=g)
+    return DataBundle(TensorData(train, torch.zeros(50, dtype=torch.long)),
+                      TensorData(val, torch.randint(0, 4, (80,), generator=g)), None, 4, (3,),
+                      [0.0] * 3, [1.0] * 3, ["a", "b", "c", "d"], "synthetic 3-d", eval_batch_size=32)
+
+
+CONFUSING = ModelInfo("confuses-a-and-c", {}, (3,), 4)
+
+
+def test_clusters_group_the_confused_classes_and_name_them(tmp_path):
+    model, data = ConfusesAAndC(), confusing_data()
+    res = analyze(model, CONFUSING, data, settings=FAST, clusters=3, out_dir=tmp_path)
+    c = json.loads((tmp_path / "analysis.json").read_text())["clusters"]
+    assert c == json.loads(json.dumps(res["clusters"]))
+    assert sorted(c["subsets"]) == [[0, 2], [1], [3]]
+    assert sorted(c["subset_names"]) == [["a", "c"], ["b"], ["d"]]
+    assert c["class_names"] == ["a", "b", "c", "d"] and c["cluster_of_class"][0] == c["cluster_of_class"][2]
+    assert len(set(c["cluster_of_class"])) == 3 and res["settings"]["clusters"] == 3
+    # Computed on the analysis's evaluation subset (the first 64 validation samples), not the training split.
+    assert (c["split"], c["samples"]) == ("val", 64) == (res["data"]["split"], res["data"]["samples"])
+    with torch.no_grad():
+        probs = torch.softmax(model(data.val.x[:64]), 1).double()
+    assert torch.tensor(c["covariance"]) == pytest.approx(torch.cov(probs.T), abs=1e-7)
+    corr = torch.corrcoef(probs.T)
+    assert torch.tensor(c["correlation"]) == pytest.approx(corr, abs=1e-5)
+    others = ~torch.eye(4, dtype=torch.bool)
+    others[0, 2] = others[2, 0] = False
+    assert corr[0, 2] > 0.8 and corr[others].max() < 0  # every other pair of classes is anti-correlated
+
+    stream = _Capture()
+    render_terminal(res, Reporter(stream=stream))
+    assert "subset 1/3:" in stream.text and "a, c" in stream.text
+    page = (tmp_path / "report.html").read_text()
+    section = page[page.index("<h2>Confusable classes</h2>"):]
+    assert "<td>a, c</td>" in section and section.count("<svg") == 1 and ">d</text>" in section
+
+
+def test_clusters_need_data_and_fewer_subsets_than_classes():
+    from kdcli.errors import InputError
+
+    res = analyze(ConfusesAAndC(), CONFUSING, None, clusters=2)
+    assert res["clusters"] is None and any("--clusters 2 needs data" in n for n in res["notes"])
+    for bad in (1, 4):
+        with pytest.raises(InputError, match=r"--clusters: expected 2\.\.3 .* got " + str(bad)):
+            analyze(ConfusesAAndC(), CONFUSING, confusing_data(), settings=FAST, clusters=bad)
+
+
+def test_cli_clusters_out_of_range_is_one_line_exit_2(tmp_path):
+    res = _cli(_mlp_file(tmp_path), "--clusters", "1")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.startswith("error: --clusters: expected 2..9") and len(res.output.strip().splitlines()) == 1
