@@ -223,7 +223,9 @@ def write_html(path: Path, out: dict, lam, t_layers, s_layers) -> None:
                      ", ".join(f"{a:.3f}" for a in s["test_accuracy"]), str(SEED_STUDY[k])])
     b = out["budget"]
     body = [f"<p>{out['data']}. Test: {out['splits']['test']}.</p>",
-            f"<p>Budget: {b['limit_train']} training images, teacher {b['teacher_epochs']} epochs, students "
+            f"<p>Budget: {b['limit_train']} training images for the teacher"
+            + (f", the first {b['transfer_limit']} of them for the students" if b.get("transfer_limit") else "")
+            + f"; teacher {b['teacher_epochs']} epochs, students "
             f"{b['student_epochs']} epochs, lr sweep {b['lrs']}, {b['seeds']} seeds, no augmentation "
             f"({b['note']}). Wall time {out['seconds']:.0f} s.</p>",
             "<h2>Test accuracy</h2>",
