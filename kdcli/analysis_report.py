@@ -214,7 +214,7 @@ def report_html(result: dict) -> str:
             series = {g: [(0.0, 100 * scan["baseline_accuracy"])] + [(p["ratio"], 100 * p["accuracy"]) for p in curves[g]]
                       for g in names}
             parts.append(line_chart(series, title=f"Top-1 against pruning ratio ({i + 1})", x_label="ratio of channels pruned",
-                                    y_label="top-1 (%)"))
+                                    y_label="top-1 (%)", y_max=100.0))
         parts.append("</div>")
         s = result["suggested_ratios"]
         parts.append(f"<p>Suggested ratios for MACs {s['target_macs']:g}: predicted MACs "

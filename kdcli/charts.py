@@ -80,7 +80,7 @@ def _legend(names: Sequence[str], x0: float, y0: float) -> list[str]:
 class _Axes:
     """Maps data to pixels inside the plot area and draws axes, grid lines and tick labels."""
 
-    def __init__(self, xlo, xhi, ylo, yhi, *, log_x=False, x_ticks=None):
+    def __init__(self, xlo, xhi, ylo, yhi, *, log_x=False, x_ticks=None, y_max=None):
         self.log_x = log_x
         if log_x:
             self.xt = x_ticks or _log_ticks(xlo, xhi)
@@ -89,6 +89,8 @@ class _Axes:
             self.xt = x_ticks or _nice_ticks(xlo, xhi)
             self.xlo, self.xhi = min(xlo, self.xt[0]), max(xhi, self.xt[-1])
         self.yt = _nice_ticks(ylo, yhi)
+        if y_max is not None and self.yt[-1] > y_max >= yhi:  # a round tick past the cap: end at the cap
+            self.yt = [t for t in self.yt if t < y_max] + [y_max]
         self.ylo, self.yhi = self.yt[0], self.yt[-1]
         if self.xhi == self.xlo:
             self.xhi = self.xlo + 1
@@ -123,10 +125,12 @@ class _Axes:
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str, y_label: str,
-               log_x: bool = False) -> str:
+               log_x: bool = False, y_max: float | None = None) -> str:
     """Line chart with markers: ``series`` maps a legend name to its (x, y) points.
 
-    ``log_x`` puts x on a log10 axis (non-positive x values are then dropped). Returns an SVG string.
+    ``log_x`` puts x on a log10 axis (non-positive x values are then dropped). ``y_max`` caps the
+    y axis where values cannot go higher (100 for a percentage): the padding above the highest
+    point stops there. Returns an SVG string.
     """
     clean = {k: sorted((float(x), float(y)) for x, y in pts
                        if math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x))
@@ -138,7 +142,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_la
     ylo, yhi = min(ys), max(ys)
     pad = (yhi - ylo) * 0.05 or abs(yhi) * 0.05 or 1.0
     # non-negative data (latency, accuracy) keeps a zero floor rather than a negative tick
-    ax = _Axes(min(xs), max(xs), max(ylo - pad, 0.0) if ylo >= 0 else ylo - pad, yhi + pad, log_x=log_x)
+    top = yhi + pad if y_max is None else max(min(yhi + pad, y_max), yhi)
+    ax = _Axes(min(xs), max(xs), max(ylo - pad, 0.0) if ylo >= 0 else ylo - pad, top, log_x=log_x, y_max=y_max)
     body = ax.draw(x_label, y_label)
     for i, (name, p) in enumerate(clean.items()):
         colour = PALETTE[i % len(PALETTE)]

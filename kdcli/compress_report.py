@@ -124,7 +124,7 @@ def render_html(result) -> str:
     s = result.student
     series["final student"] = [(s["macs_ratio"], 100 * s["val_accuracy"])]
     chart = line_chart(series, title="Validation accuracy against MACs (fraction of the teacher's)",
-                       x_label="MACs / teacher MACs", y_label="val accuracy (%)")
+                       x_label="MACs / teacher MACs", y_label="val accuracy (%)", y_max=100.0)
     verdict = "Target met" if result.target_met and not result.gate_failures else \
         "Not met: " + "; ".join(result.gate_failures)
     body = [f"<p><strong>{html.escape(verdict)}</strong></p>",

@@ -246,7 +246,7 @@ def render_html(report: dict) -> str:
         pts = {"student": [(float(report["student"]["macs"]), 100 * acc["student_onnx"])]}
         if report.get("teacher") and acc.get("teacher_onnx") is not None:
             pts = {"teacher": [(float(report["teacher"]["macs"]), 100 * acc["teacher_onnx"])], **pts}
-        charts.append(line_chart(pts, title="Accuracy against size", x_label="MACs", y_label="accuracy (%)"))
+        charts.append(line_chart(pts, title="Accuracy against size", x_label="MACs", y_label="accuracy (%)", y_max=100.0))
     body.append('<div class="charts">' + "".join(charts) + "</div>")
     for prov in lat["onnxruntime"]:
         body.append(f"<h2>Latency: onnxruntime {html.escape(prov)} ({_threads(report, prov)} threads)</h2>")

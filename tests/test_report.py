@@ -162,6 +162,16 @@ def test_charts_escape_text_and_draw_every_point():
     assert "no data" in empty
 
 
+def test_line_chart_caps_a_percentage_axis_at_100():
+    pts = {"acc": [(0.3, 62.0), (1.0, 99.6)]}
+    ticks = lambda svg: [float(v) for v in re.findall(r'text-anchor="end" class="tk">([\d.]+)</text>', svg)]  # noqa: E731
+    free = line_chart(pts, title="t", x_label="x", y_label="%")
+    assert max(ticks(free)) == 110  # the padding above 99.6 % ends on a round tick past 100
+    capped = line_chart(pts, title="t", x_label="x", y_label="%", y_max=100.0)
+    assert max(ticks(capped)) == 100.0 and min(ticks(capped)) == 60.0
+    assert all(34 <= float(cy) <= 272 for cy in re.findall(r'cy="([\d.]+)"', capped))
+
+
 def test_bar_heatmap_histogram_and_table():
     bars = bar_chart(["l1", "l2", "l3"], {"s1": [1.0, -2.0, 3.0], "s2": [0.5, 0.5, float("nan")]},
                      title="b", y_label="v")
