@@ -8,8 +8,9 @@ root layer (``layer1.0.conv1``) and pruned as a unit.
 
 :class:`StructuredPruner` wraps one traced graph:
 
-- ``score`` gives each group's channels an importance, normalised within the group (divided by
-  the group's mean) so that one threshold τ applies to all groups;
+- ``score`` gives each group's channels an importance (the criteria live in
+  :mod:`kdcli.importance`), normalised within the group (divided by the group's mean) so that
+  one threshold τ applies to all groups;
 - ``plan_below(scores, τ)`` lists the channels under τ, ``tau_for_macs`` finds the τ that reaches
   a MACs budget, ``apply`` prunes in place and checks the forward pass;
 - ``trial(plan)`` prunes temporarily and restores the model afterwards, without tracing again:
@@ -33,15 +34,14 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 from kdcli.errors import InputError, ModelError
+from kdcli.importance import (IMPORTANCES, ROOT_TYPES, first_tensor, grads_enabled, group_importance,
+                              mean_over_ranks)
 from kdcli.train import eval_mode
 
-IMPORTANCES = ("magnitude", "magnitude-l1", "taylor", "activation", "bn-scale")
-_ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # Probe verdicts by model structure: compress creates one pruner per step on the same model.
 _PROBE_CACHE: dict[tuple, frozenset] = {}
 
@@ -59,33 +59,15 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
     return int(round(float(macs))), int(params)
 
 
-@contextmanager
-def _grads_enabled(model: nn.Module) -> Iterator[None]:
-    """Autograd on for every parameter (tracing and Taylor scores need it); flags restored after."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _first_tensor(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else tp.utils.flatten_as_list(out)[0]
-
-
 def _output_layer(model: nn.Module, example: torch.Tensor) -> str | None:
     """Module path of the layer producing the logits: the one whose output *is* the model's
     output, else the last conv/linear whose output has the output's shape."""
     seen: list[tuple[str, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, o)))
-             for n, m in model.named_modules() if isinstance(m, _ROOT_TYPES)]
+             for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)]
     try:
         with eval_mode(model), torch.no_grad():
-            out = _first_tensor(model(example))
+            out = first_tensor(model(example))
     finally:
         for h in hooks:
             h.remove()
@@ -175,9 +157,9 @@ class StructuredPruner:
         if out_name is not None:
             ignored.append(modules[out_name])
         self._ignored = ignored
-        with eval_mode(model), _grads_enabled(model):
+        with eval_mode(model), grads_enabled(model):
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-            self._out_shape = _first_tensor(model(example)).shape
+            self._out_shape = first_tensor(model(example)).shape
         self._excluded: frozenset = frozenset()
         self._refresh_groups()
         key = (type(model).__module__, type(model).__qualname__, out_name, tuple(self._groups),
@@ -198,7 +180,7 @@ class StructuredPruner:
     def _refresh_groups(self) -> None:
         """Enumerate the prunable groups (full index lists) of the model as it is now."""
         self._groups: dict[str, tp.dependency.Group] = {}
-        for group in self.dg.get_all_groups(ignored_layers=self._ignored, root_module_types=_ROOT_TYPES):
+        for group in self.dg.get_all_groups(ignored_layers=self._ignored, root_module_types=ROOT_TYPES):
             name = self.dg._module2name[group[0].dep.target.module]
             if name not in self._excluded:
                 self._groups[name] = group
@@ -238,9 +220,9 @@ class StructuredPruner:
                 try:
                     one = self._group_of(name, [n - 1])
                     _zero_producers(self.dg, one)
-                    masked = _first_tensor(self.model(x))
+                    masked = first_tensor(self.model(x))
                     one.prune(record_history=False)
-                    pruned = _first_tensor(self.model(x))
+                    pruned = first_tensor(self.model(x))
                     ok = (pruned.shape == masked.shape and bool(torch.isfinite(masked).all())
                           and float((pruned - masked).abs().max()) <= 1e-3 * (float(masked.abs().max()) + 1e-6))
                 except Exception:  # noqa: BLE001 - any failure means torch-pruning got it wrong
@@ -269,43 +251,22 @@ class StructuredPruner:
         batches = list(batches) if batches is not None else []
         if crit in ("taylor", "activation") and not batches:
             raise InputError(f"prune.importance: {crit} scores channels from data; no batches were given")
-        magnitude = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
         with eval_mode(self.model):
-            if crit == "taylor":
-                with _taylor_gradients(self.model, batches):
-                    raw = self._raw(tp.importance.GroupTaylorImportance(normalizer=None))
-            elif crit == "activation":
-                with _activation_stats(self.model, self._groups.values(), batches) as means:
-                    raw = {name: _activation_score(self.dg, g, means) for name, g in self._groups.items()}
-            elif crit == "bn-scale":
-                raw = self._raw(tp.importance.BNScaleImportance(normalizer=None))
-            elif crit == "magnitude-l1":
-                raw = self._raw(tp.importance.GroupMagnitudeImportance(p=1, normalizer=None))
-            else:
-                raw = self._raw(magnitude)
-        missing = [n for n, s in raw.items() if s is None]
-        if missing:
-            fallback = self._raw(magnitude, missing)
-            raw.update(fallback)
+            raw = group_importance(self.model, self.dg, self._groups, crit, batches)
+            missing = [n for n, s in raw.items() if s is None]
+            if missing:
+                raw.update(group_importance(self.model, self.dg, {n: self._groups[n] for n in missing}, "magnitude"))
             note = f"{crit}: {len(missing)} group(s) without what it scores were scored by magnitude"
             if note not in self.notes:
                 self.notes.append(note)
         if crit in ("taylor", "activation"):
-            raw = _mean_over_ranks(raw, self.example.device)
+            raw = mean_over_ranks(raw, self.example.device)
         out = {}
         for name, s in raw.items():
             s = torch.nan_to_num(s.detach().float().cpu(), nan=0.0, posinf=0.0)
             mean = float(s.mean()) if s.numel() else 0.0
             out[name] = s / mean if mean > 0 else torch.zeros_like(s)
         return out
-
-    def _raw(self, imp, names: Iterable[str] | None = None) -> dict:
-        names = list(self._groups) if names is None else names
-        result = {}
-        for name in names:
-            s = imp(self._groups[name])
-            result[name] = None if s is None else s.reshape(-1)
-        return result
 
     # --- plans ----------------------------------------------------------------------------------
     def _keep(self, n: int, remove: int) -> int:
@@ -446,7 +407,7 @@ class StructuredPruner:
 
     def _check_forward(self) -> None:
         with eval_mode(self.model), torch.no_grad():
-            shape = _first_tensor(self.model(self.example)).shape
+            shape = first_tensor(self.model(self.example)).shape
         if shape != self._out_shape:
             raise RuntimeError(f"output shape {list(shape)}, expected {list(self._out_shape)}")
 
@@ -511,24 +472,6 @@ class StructuredPruner:
         return [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in self.dg.pruning_history()]
 
 
-def _mean_over_ranks(raw: dict, device: torch.device) -> dict:
-    """Under torch.distributed, average data-driven scores over ranks: each rank scores its own
-    batches, and every rank must prune the same channels."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return raw
-    names = list(raw)
-    flat = torch.cat([raw[n].detach().float().reshape(-1) for n in names]).to(device)
-    dist.all_reduce(flat)
-    flat = (flat / dist.get_world_size()).cpu()
-    out, start = {}, 0
-    for n in names:
-        out[n] = flat[start:start + raw[n].numel()]
-        start += raw[n].numel()
-    return out
-
-
 def _zero_producers(dg: tp.DependencyGraph, group) -> None:
     """Replace the parameters producing the group's channels with copies whose slices for those
     channels are zero (the originals are untouched, so a snapshot restores them)."""
@@ -543,67 +486,6 @@ def _zero_producers(dg: tp.DependencyGraph, group) -> None:
             q = p.detach().clone()
             q.index_fill_(dim, torch.tensor(idxs, device=q.device), 0)
             setattr(m, pname, nn.Parameter(q, requires_grad=p.requires_grad))
-
-
-@contextmanager
-def _taylor_gradients(model: nn.Module, batches: list) -> Iterator[None]:
-    """Gradients of the cross-entropy summed over ``batches`` in ``.grad`` (for GroupTaylorImportance);
-    the parameters' previous gradients are put back afterwards."""
-    saved = [(p, p.grad) for p in model.parameters()]
-    for p, _ in saved:
-        p.grad = None
-    try:
-        with _grads_enabled(model):
-            for batch in batches:
-                x, y = batch[0], batch[1]
-                F.cross_entropy(_first_tensor(model(x)), y).backward()
-        for p, _ in saved:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        yield
-    finally:
-        for p, g in saved:
-            p.grad = g
-
-
-@contextmanager
-def _activation_stats(model: nn.Module, groups, batches: list) -> Iterator[dict]:
-    """Mean |input| per input channel of every conv/linear consuming a group's channels, over all
-    samples and positions of ``batches`` (torch-pruning's ActivationImportance keeps only the
-    last batch, and its reduction mis-sizes groups that reach a Linear through a flatten)."""
-    layers = {dep.target.module for g in groups for dep, _ in g if isinstance(dep.target.module, _ROOT_TYPES)}
-    sums: dict[nn.Module, list] = {}
-
-    def hook(m, inputs, output):
-        a = inputs[0].detach().abs().float()
-        a = a.reshape(-1, a.shape[-1]) if isinstance(m, nn.Linear) else a.transpose(0, 1).reshape(a.shape[1], -1).T
-        acc = sums.setdefault(m, [0.0, 0])
-        acc[0] = acc[0] + a.sum(0)
-        acc[1] += a.shape[0]
-
-    hooks = [m.register_forward_hook(hook) for m in layers]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch[0])
-    finally:
-        for h in hooks:
-            h.remove()
-    yield {m: total / max(count, 1) for m, (total, count) in sums.items()}
-
-
-def _activation_score(dg: tp.DependencyGraph, group, means: dict) -> torch.Tensor | None:
-    """A group's channels scored by the mean |activation| its consumers receive from them, summed
-    over positions a flatten spreads a channel to and averaged over consumers."""
-    n = len(group[0].idxs)
-    total, consumers = torch.zeros(n), 0
-    for item in group:
-        m = item.dep.target.module
-        if m in means and dg.is_in_channel_pruning_fn(item.dep.handler):
-            local = means[m].cpu()
-            total.scatter_add_(0, torch.tensor(item.root_idxs), local[torch.tensor(item.idxs)])
-            consumers += 1
-    return total / consumers if consumers else None
 
 
 def replay_history(model: nn.Module, example: torch.Tensor, history: list) -> None:
@@ -621,7 +503,7 @@ def replay_history(model: nn.Module, example: torch.Tensor, history: list) -> No
         except (TypeError, ValueError):
             raise ModelError(f"pruning history entry {i}: expected [module path, is_out_channel, [indices]], got {entry!r}") from None
     modules = dict(model.named_modules())
-    with eval_mode(model), _grads_enabled(model):
+    with eval_mode(model), grads_enabled(model):
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     for i, entry in enumerate(entries):
         if entry[0] not in modules:
