@@ -241,3 +241,46 @@ def test_fit_integration_with_batch_loader():
     assert len(calls) == 4  # epoch 1 only: 4 batches
     assert "4 hits / 0 misses" in d.cache_note  # epoch 2 read every batch from the cache
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+
+
+@pytest.mark.slow
+def test_distilled_student_beats_its_undistilled_twin_on_mnist(shared_data):
+    # Hinton et al. 2015: soft targets carry most of what a small transfer set cannot. A teacher
+    # trained on 10,000 MNIST images; the same student (same init, seed, lr, epochs, batches) on
+    # 300 of them with cross-entropy alone, then with KD + CE. Measured: +8.3 to +9.0 points on
+    # 2,000 test images over four seeds (76.3-76.7 % against 84.9-85.6 %).
+    import dataclasses
+    from pathlib import Path
+
+    from kdcli.data import DataSpec, load_data
+    from kdcli.recipe import TrainSpec
+    from kdcli.train import evaluate, fit, tensor_batches
+
+    spec = DataSpec.model_validate({"source": {"kind": "idx", "path": str(shared_data / "mnist")},
+                                    "limit_train": 10000, "limit_eval": 2000, "batch_size": 64})
+    data = load_data(spec, base_dir=Path("."), seed=0)
+    test = tensor_batches(*data.eval_tensors("test"))
+    torch.manual_seed(0)
+    teacher = build_model("mlp", {"hidden": [256, 256]}, input_shape=data.input_shape, num_classes=10)
+    fit(teacher, data.loader("train", train=True, seed=0), TrainSpec(epochs=4, lr=0.05, amp="off"))
+    teacher.eval()
+    assert evaluate(teacher, test)["accuracy"] > 0.93
+
+    small = dataclasses.replace(data, train=data.train.subset(torch.arange(300)))
+    cfg = TrainSpec(epochs=30, lr=0.05, amp="off")
+
+    def student(distil: bool) -> float:
+        torch.manual_seed(1)
+        s = build_model("mlp", {"hidden": [64]}, input_shape=data.input_shape, num_classes=10)
+        loader = small.loader("train", train=True, seed=1)
+        if distil:
+            d = Distiller(teacher, s, [KD(temperature=4.0, weight=0.9), CE(weight=0.1)],
+                          torch.zeros(2, *data.input_shape))
+            d.enable_teacher_cache(len(small.train))
+            fit(s, loader, cfg, objective=d, extra_modules=[d], before_epoch=d.set_epoch)
+        else:
+            fit(s, loader, cfg)
+        return evaluate(s, test)["accuracy"]
+
+    alone, distilled = student(False), student(True)
+    assert distilled > alone + 0.04, (alone, distilled)
