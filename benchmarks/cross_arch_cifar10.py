@@ -162,11 +162,10 @@ def run_student(args, variant: str, lr: float, seed: int, data, teacher, batches
         d.enable_teacher_cache(len(data.train))
     C.train_student(run, student, loader, cfg, objective=d, extra_modules=[d], before_epoch=d.set_epoch,
                     device=device, **batches)
-    lam = d.lambda_matrix()
+    lam = d.lambda_report()
     if variant == "vid_all_to_all" and lam is not None:
-        vid = next(t for t in d.terms if hasattr(t, "lambda_matrix"))
-        run.extra = {"lambda": [[round(float(v), 4) for v in row] for row in lam],
-                     "teacher_layers": list(vid.teacher_layers), "student_layers": list(vid.student_layers)}
+        run.extra = {"lambda": lam["matrix"], "teacher_layers": lam["teacher_layers"],
+                     "student_layers": lam["student_layers"]}
     return run
 
 

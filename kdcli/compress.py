@@ -82,6 +82,7 @@ class State:
     pruning_done: bool = False
     finished: bool = False
     failed_macs: int | None = None  # MACs the last undone attempt cut to: its retry must cut less
+    vid_lambda: dict = field(default_factory=dict)  # student file -> λ of the distillation that made it
 
 
 @dataclass
@@ -93,11 +94,12 @@ class CompressResult:
     target_met: bool
     gate_failures: list
     export: dict | None = None
+    vid_lambda: dict | None = None  # the chosen student's λ (Distiller.lambda_report), with a VID term
 
     def to_json(self) -> dict:
         return {"run_dir": str(self.run_dir), "teacher": self.teacher, "student": self.student,
                 "steps": self.steps, "target_met": self.target_met, "gate_failures": self.gate_failures,
-                "export": self.export}
+                "export": self.export, "vid_lambda": self.vid_lambda}
 
 
 def _absolute(target: float | None, reference: int) -> float | None:
@@ -245,8 +247,9 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         reporter.info(f"step {k}: τ={tau if tau is None else round(tau, 4)}  MACs {macs:,} → {new_macs:,} "
                       f"({new_macs / t_macs:.3f} of teacher), params {new_params:,}")
         try:
-            hist = _distil(recipe, teacher, student, data, device, granularity, val, reporter,
-                           f"step {k}", recipe.distill.train, seed=recipe.seed + 1000 * state.attempts, shared=shared)
+            hist, lam = _distil(recipe, teacher, student, data, device, granularity, val, reporter,
+                                f"step {k}", recipe.distill.train, seed=recipe.seed + 1000 * state.attempts,
+                                shared=shared)
         except TrainingDiverged as exc:
             reporter.info(f"step {k}: {exc}; keeping the last good student")
             student = before
@@ -287,6 +290,8 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
             _save_student(rd.path / path, student, sinfo, recipe, data, {"val_accuracy": acc, "macs": new_macs,
                                                                           "params": new_params, "step": k})
             state.student_file = path
+            if lam is not None:
+                state.vid_lambda[path] = lam
             if meets(new_macs, new_params, latency) and drop <= budget and acc > state.best_val:
                 state.best_file, state.best_val = path, acc
         reporter.info(f"step {k}: val {100 * acc:.2f}% (drop {100 * drop:.2f} pt) — {reason}")
@@ -303,13 +308,15 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
             if state.best_file:
                 student, sinfo = _load_student(rd.path / state.best_file, recipe, data, device)
             cfg = recipe.distill.train.model_copy(update={"epochs": epochs})
-            hist = _distil(recipe, teacher, student, data, device, granularity, val, reporter, "distil", cfg,
-                           seed=recipe.seed + 999_999, shared=shared)
+            hist, lam = _distil(recipe, teacher, student, data, device, granularity, val, reporter, "distil", cfg,
+                                seed=recipe.seed + 999_999, shared=shared)
             acc = _last_val(hist, student, val, device)
             macs, params = count_macs_params(student, example)
             path = "steps/final.kdc"
             _save_student(rd.path / path, student, sinfo, recipe, data, {"val_accuracy": acc, "macs": macs, "params": params})
             state.student_file = path
+            if lam is not None:
+                state.vid_lambda[path] = lam
             latency = _latency_ms(student, data) if target.latency_ms is not None else None
             if meets(macs, params, latency) and t_val - acc <= budget and acc >= state.best_val:
                 state.best_file, state.best_val = path, acc
@@ -334,7 +341,8 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         failures.append(_unmet(s_macs, s_params, latency, target_macs, target_params, target.latency_ms, t_macs, t_params))
     if t_val - s_val > budget + 1e-12:
         failures.append(f"accuracy drop {100 * (t_val - s_val):.2f} pt > max_accuracy_drop {100 * budget:.2f} pt")
-    result = CompressResult(rd.path, teacher_summary, student_summary, state.records, not failures, failures)
+    result = CompressResult(rd.path, teacher_summary, student_summary, state.records, not failures, failures,
+                            vid_lambda=state.vid_lambda.get(chosen))
 
     if do_export if do_export is not None else recipe.export.enabled:
         from kdcli.export import run_export
@@ -462,8 +470,9 @@ def _suggested_ratios(path: Path) -> dict[str, float]:
 
 
 def _distil(recipe, teacher, student, data, device, granularity, val, reporter, label, cfg, seed, shared):
-    """Distil ``teacher`` into ``student`` for ``cfg.epochs`` epochs with the recipe's losses.
-    ``shared`` carries what successive calls of one run reuse (the teacher cache)."""
+    """Distil ``teacher`` into ``student`` for ``cfg.epochs`` epochs with the recipe's losses;
+    returns (the fit's history, λ of the VID term or None). ``shared`` carries what successive
+    calls of one run reuse (the teacher cache)."""
     from kdcli.distill import Distiller
 
     torch.manual_seed(seed)
@@ -475,7 +484,7 @@ def _distil(recipe, teacher, student, data, device, granularity, val, reporter, 
         shared["teacher_cache"] = distiller.enable_teacher_cache(len(data.train.y), cache=shared.get("teacher_cache"))
     res = fit(student, loader, cfg, objective=distiller, extra_modules=[distiller], val_batches=val, device=device,
               progress=lambda m: reporter.metrics(label, m), before_epoch=distiller.set_epoch)
-    return res.history
+    return res.history, distiller.lambda_report()
 
 
 def _last_val(history: list, student, val, device) -> float:

@@ -2,7 +2,8 @@
 
 ``compress_report.json`` is the :class:`kdcli.compress.CompressResult` as JSON (plus the schema
 version); the Markdown and HTML renderings show the teacher against the student and every DKDP
-step (τ, MACs, accuracy, the reason τ moved), with a chart of accuracy against MACs.
+step (τ, MACs, accuracy, the reason τ moved), with a chart of accuracy against MACs and, when
+the recipe has a VID term, its layer weights λ as a heatmap.
 """
 
 from __future__ import annotations
@@ -106,12 +107,24 @@ def render_markdown(result) -> str:
         out += ["", "## DKDP steps", "", "| " + " | ".join(_STEP_HEADERS) + " |",
                 "|" + "---|" * len(_STEP_HEADERS)]
         out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in _steps_rows(result)]
+    lam = result.vid_lambda
+    if lam:
+        out += ["", f"## VID layer weights λ ({_lambda_kind(lam)})", "",
+                "Rows: teacher layers; columns: student layers; each column sums to 1.", "",
+                "| teacher \\ student | " + " | ".join(f"`{s}`" for s in lam["student_layers"]) + " |",
+                "|---|" + "---:|" * len(lam["student_layers"])]
+        out += [f"| `{t}` | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+                for t, row in zip(lam["teacher_layers"], lam["matrix"])]
     return "\n".join(out) + "\n"
+
+
+def _lambda_kind(lam: dict) -> str:
+    return "learned" if lam.get("learned") else "fixed"
 
 
 def render_html(result) -> str:
     """The report as one self-contained HTML page with the accuracy-against-MACs chart."""
-    from kdcli.charts import html_page, html_table, line_chart
+    from kdcli.charts import heatmap, html_page, html_table, line_chart
 
     t = result.teacher
     teacher_pt = [(1.0, 100 * t["val_accuracy"])]
@@ -131,6 +144,12 @@ def render_html(result) -> str:
             html_table(["", "teacher", "student"], [list(r) for r in summary_rows(result)]), chart]
     if result.steps:
         body += ["<h2>DKDP steps</h2>", html_table(_STEP_HEADERS, _steps_rows(result))]
+    lam = result.vid_lambda
+    if lam:
+        body += [f"<h2>VID layer weights λ ({_lambda_kind(lam)})</h2>",
+                 "<p>How much each student layer (column) learns from each teacher layer (row) in the "
+                 "distillation that made this student; each column sums to 1.</p>",
+                 heatmap(lam["matrix"], lam["teacher_layers"], lam["student_layers"], title="λ (teacher × student)")]
     return html_page("kdcli compress report", "\n".join(body))
 
 

@@ -167,6 +167,17 @@ class Distiller(nn.Module):
                 return term.lambda_matrix().detach().cpu()
         return None
 
+    def lambda_report(self) -> dict | None:
+        """λ of the first VID term for a report: ``{"matrix": rows of floats (teacher × student),
+        "teacher_layers", "student_layers", "learned"}``; None without a VID term."""
+        for term in self.terms:
+            if hasattr(term, "lambda_matrix"):
+                lam = term.lambda_matrix().detach().cpu()
+                return {"matrix": [[round(float(v), 4) for v in row] for row in lam],
+                        "teacher_layers": list(term.teacher_layers), "student_layers": list(term.student_layers),
+                        "learned": bool(term.learned)}
+        return None
+
 
 def _validate_spec(obj: dict, k: int):
     from pydantic import TypeAdapter, ValidationError

@@ -74,3 +74,30 @@ def test_tau_backs_off_after_a_step_over_budget(tmp_path):
     assert not first["accepted"] and "undone" in first["reason"]
     assert second["target_macs"] > first["target_macs"]
     assert second["macs"] > first["macs"]  # the retry really cuts less, not the same plan again
+
+
+def test_declared_student_with_all_to_all_vid_reports_lambda(tmp_path):
+    # A student of another depth (one hidden layer against the teacher's two) learns from every
+    # teacher layer; the λ it learned lands in the result and as a heatmap in the HTML report.
+    res = run(tmp_path, extra=[
+        "student={model: mlp, model_args: {hidden: [48]}}",
+        "distill.losses=[{kind: kd, temperature: 4, weight: 0.9}, {kind: ce, weight: 0.1}, "
+        "{kind: vid, pairing: all-to-all, lambda: learned, weight: 0.1}]",
+        "distill.train.epochs=6", "target.max_accuracy_drop=1.0"])
+    assert not res.steps  # pure distillation: no pruning step
+    lam = res.vid_lambda
+    assert lam is not None and lam["learned"]
+    nt, ns = len(lam["teacher_layers"]), len(lam["student_layers"])
+    assert nt >= 2 and ns >= 1 and len(lam["matrix"]) == nt and all(len(row) == ns for row in lam["matrix"])
+    for j in range(ns):
+        assert sum(row[j] for row in lam["matrix"]) == pytest.approx(1.0, abs=1e-3)
+    assert any(abs(v - 1 / nt) > 0.01 for row in lam["matrix"] for v in row)  # it moved from uniform (0.52 / 0.48)
+    report = json.loads((tmp_path / "run" / "compress_report.json").read_text())
+    assert report["vid_lambda"]["matrix"] == lam["matrix"]
+    page = (tmp_path / "run" / "compress_report.html").read_text()
+    assert "VID layer weights λ (learned)" in page and "λ (teacher × student)" in page
+    assert "VID layer weights" in (tmp_path / "run" / "compress_report.md").read_text()
+    # without a VID term there is no λ, and the report says nothing of it
+    plain = run(tmp_path, "plain", extra=["target.max_accuracy_drop=0.05"])
+    assert plain.vid_lambda is None
+    assert "VID layer weights" not in (tmp_path / "plain" / "compress_report.html").read_text()
