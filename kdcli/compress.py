@@ -239,10 +239,16 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         k = state.accepted_steps + 1
         t0 = time.perf_counter()
         steps_left = max(recipe.prune.steps - state.accepted_steps, 1)
-        aim = _next_macs(macs, target_macs, steps_left, state.aggressiveness)
+        last = state.attempts == max_attempts
+        # The last attempt goes to the target whatever the aggressiveness: a student short of the
+        # resource target fails the gate at any accuracy, one at the target may still win its
+        # accuracy back in the final distillation.
+        aim = target_macs if last and target_macs is not None else \
+            _next_macs(macs, target_macs, steps_left, state.aggressiveness)
         before = copy.deepcopy(student)
         torch.manual_seed(recipe.seed + 1000 * state.attempts)
-        tau, new_history = _prune_step(recipe, student, example, data, device, aim, k, reporter, state.failed_macs)
+        tau, new_history = _prune_step(recipe, student, example, data, device, aim, k, reporter,
+                                       None if last else state.failed_macs)
         new_macs, new_params = count_macs_params(student, example)
         reporter.info(f"step {k}: τ={tau if tau is None else round(tau, 4)}  MACs {macs:,} → {new_macs:,} "
                       f"({new_macs / t_macs:.3f} of teacher), params {new_params:,}")
