@@ -276,7 +276,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         if drop > allowed and retries_left and state.aggressiveness > 1 / 16:
             state.aggressiveness /= 2
             state.failed_macs = new_macs
-            accepted, reason = False, (f"accuracy drop {100 * drop:.2f} pt > {100 * allowed:.2f} pt allowed per step: "
+            accepted, reason = False, (f"accuracy drop {100 * drop:.2f} pt > {100 * allowed:.2f} pt a step may leave: "
                                        f"undone, aggressiveness halved to {state.aggressiveness:.3g}")
             student = before
         else:
@@ -288,7 +288,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
             elif drop > allowed:
                 reason = f"drop {100 * drop:.2f} pt over what a step may cost, no retries left: kept"
             else:
-                reason = (f"drop {100 * drop:.2f} pt within {100 * allowed:.2f} pt per step: aggressiveness "
+                reason = (f"drop {100 * drop:.2f} pt within the {100 * allowed:.2f} pt a step may leave: aggressiveness "
                           f"kept at {state.aggressiveness:.3g}")
             state.accepted_steps = k
             sinfo.pruning_history = sinfo.pruning_history + new_history
