@@ -65,6 +65,7 @@ class StepRecord:
     seconds: float
     latency_ms: float | None = None
     train_history: list = field(default_factory=list)
+    teacher_val_accuracy: float | None = None  # the teaching teacher after distill.train_teacher
 
 
 @dataclass
@@ -83,6 +84,7 @@ class State:
     finished: bool = False
     failed_macs: int | None = None  # MACs the last undone attempt cut to: its retry must cut less
     vid_lambda: dict = field(default_factory=dict)  # student file -> λ of the distillation that made it
+    teacher_file: str | None = None  # the teaching teacher, when distill.train_teacher fine-tunes it
 
 
 @dataclass
@@ -217,6 +219,9 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
     budget = target.max_accuracy_drop
 
     student, sinfo = _initial_student(recipe, data, teacher, tinfo, state, rd, device)
+    # The teacher that teaches: the original, or its fine-tuned copy (distill.train_teacher). The
+    # original stays the reference of the accuracy budget and of the reports.
+    teaching = _load_model(rd.path / state.teacher_file, recipe, data, device)[0] if state.teacher_file else teacher
     granularity = _granularity(recipe)
     shared: dict = {}  # reused across the run's distillations (the teacher cache)
     prune = recipe.student.prune and (target_macs is not None or target_params is not None
@@ -253,7 +258,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         reporter.info(f"step {k}: τ={tau if tau is None else round(tau, 4)}  MACs {macs:,} → {new_macs:,} "
                       f"({new_macs / t_macs:.3f} of teacher), params {new_params:,}")
         try:
-            hist, lam = _distil(recipe, teacher, student, data, device, granularity, val, reporter,
+            hist, lam = _distil(recipe, teaching, student, data, device, granularity, val, reporter,
                                 f"step {k}", recipe.distill.train, seed=recipe.seed + 1000 * state.attempts,
                                 shared=shared)
         except TrainingDiverged as exc:
@@ -273,6 +278,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         # Right after its short distillation a step may cost up to step_tolerance x the budget:
         # later steps and the final distillation win part of it back; the result must meet it.
         allowed = recipe.prune.step_tolerance * budget
+        t_acc = None  # the teaching teacher's accuracy, when it is fine-tuned after this step
         if drop > allowed and retries_left and state.aggressiveness > 1 / 16:
             state.aggressiveness /= 2
             state.failed_macs = new_macs
@@ -293,17 +299,27 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
             state.accepted_steps = k
             sinfo.pruning_history = sinfo.pruning_history + new_history
             path = f"steps/step_{k:03d}.kdc"
-            _save_student(rd.path / path, student, sinfo, recipe, data, {"val_accuracy": acc, "macs": new_macs,
+            _save_model(rd.path / path, student, sinfo, recipe, data, {"val_accuracy": acc, "macs": new_macs,
                                                                           "params": new_params, "step": k})
             state.student_file = path
             if lam is not None:
                 state.vid_lambda[path] = lam
             if meets(new_macs, new_params, latency) and drop <= budget and acc > state.best_val:
                 state.best_file, state.best_val = path, acc
+            if recipe.distill.train_teacher is not None:
+                teaching = copy.deepcopy(teacher) if teaching is teacher else teaching
+                t_acc = _train_teacher(recipe, teaching, student, data, device, val, reporter, f"teacher {k}",
+                                       seed=recipe.seed + 1000 * state.attempts + 500)
+                state.teacher_file = f"steps/teacher_{k:03d}.kdc"
+                _save_model(rd.path / state.teacher_file, teaching, tinfo, recipe, data,
+                            {"val_accuracy": t_acc, "after_step": k}, role="teacher")
+                shared.pop("teacher_cache", None)  # its outputs changed
+                reporter.info(f"step {k}: teacher fine-tuned, val {100 * t_acc:.2f}%")
         reporter.info(f"step {k}: val {100 * acc:.2f}% (drop {100 * drop:.2f} pt) — {reason}")
         state.records.append(asdict(StepRecord(k, state.attempts, tau, state.aggressiveness, aim, new_macs,
                                                new_params, new_macs / t_macs, new_params / t_params, acc, drop,
-                                               accepted, reason, time.perf_counter() - t0, latency, hist)))
+                                               accepted, reason, time.perf_counter() - t0, latency, hist,
+                                               t_acc)))
         rd.write_metrics(state.records)
         rd.write_json("state.json", asdict(state))
 
@@ -312,14 +328,14 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
         epochs = recipe.prune.final_epochs if prune else recipe.distill.train.epochs
         if epochs > 0:
             if state.best_file:
-                student, sinfo = _load_student(rd.path / state.best_file, recipe, data, device)
+                student, sinfo = _load_model(rd.path / state.best_file, recipe, data, device)
             cfg = recipe.distill.train.model_copy(update={"epochs": epochs})
-            hist, lam = _distil(recipe, teacher, student, data, device, granularity, val, reporter, "distil", cfg,
+            hist, lam = _distil(recipe, teaching, student, data, device, granularity, val, reporter, "distil", cfg,
                                 seed=recipe.seed + 999_999, shared=shared)
             acc = _last_val(hist, student, val, device)
             macs, params = count_macs_params(student, example)
             path = "steps/final.kdc"
-            _save_student(rd.path / path, student, sinfo, recipe, data, {"val_accuracy": acc, "macs": macs, "params": params})
+            _save_model(rd.path / path, student, sinfo, recipe, data, {"val_accuracy": acc, "macs": macs, "params": params})
             state.student_file = path
             if lam is not None:
                 state.vid_lambda[path] = lam
@@ -332,14 +348,14 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
     # --- the result ----------------------------------------------------------------------------
     chosen = state.best_file or state.student_file
     if chosen is not None:
-        student, sinfo = _load_student(rd.path / chosen, recipe, data, device)
+        student, sinfo = _load_model(rd.path / chosen, recipe, data, device)
     s_macs, s_params = count_macs_params(student, example)
     s_val = evaluate(student, val, device)["accuracy"]
     student_summary = {"model": sinfo.name, "file": "student.kdc", "from": chosen, "macs": s_macs, "params": s_params,
                        "val_accuracy": s_val, "macs_ratio": s_macs / t_macs, "params_ratio": s_params / t_params}
     if test is not None:
         student_summary["test_accuracy"] = evaluate(student, test, device)["accuracy"]
-    _save_student(rd.path / "student.kdc", student, sinfo, recipe, data, student_summary)
+    _save_model(rd.path / "student.kdc", student, sinfo, recipe, data, student_summary)
 
     failures = []
     latency = _latency_ms(student, data) if target.latency_ms is not None else None
@@ -385,7 +401,7 @@ def _unmet(macs, params, latency, t_macs, t_params, t_lat, ref_macs, ref_params)
 
 def _initial_student(recipe, data, teacher, tinfo, state, rd, device):
     if state.student_file:
-        return _load_student(rd.path / state.student_file, recipe, data, device)
+        return _load_model(rd.path / state.student_file, recipe, data, device)
     if recipe.student.model is None:
         student = copy.deepcopy(teacher)
         info = ModelInfo(tinfo.name, dict(tinfo.args), tuple(data.input_shape), data.num_classes,
@@ -403,16 +419,16 @@ def _initial_student(recipe, data, teacher, tinfo, state, rd, device):
     return student, info
 
 
-def _load_student(path: Path, recipe, data, device):
+def _load_model(path: Path, recipe, data, device):
     model, info = load_model_any(path, spec_name=None, spec_args=None, input_shape=data.input_shape,
                                  num_classes=data.num_classes, base_dir=recipe.base_dir)
     return model.to(device), info
 
 
-def _save_student(path: Path, student, info: ModelInfo, recipe, data, metrics: dict) -> None:
+def _save_model(path: Path, model, info: ModelInfo, recipe, data, metrics: dict, role: str = "student") -> None:
     info = copy.copy(info)
-    info.metadata = {**data_metadata(data), "recipe_sha256": recipe.sha256, "metrics": metrics, "role": "student"}
-    save_model(path, student, info)
+    info.metadata = {**data_metadata(data), "recipe_sha256": recipe.sha256, "metrics": metrics, "role": role}
+    save_model(path, model, info)
 
 
 def _granularity(recipe):
@@ -491,6 +507,33 @@ def _distil(recipe, teacher, student, data, device, granularity, val, reporter, 
     res = fit(student, loader, cfg, objective=distiller, extra_modules=[distiller], val_batches=val, device=device,
               progress=lambda m: reporter.metrics(label, m), before_epoch=distiller.set_epoch)
     return res.history, distiller.lambda_report()
+
+
+def _train_teacher(recipe, teaching, student, data, device, val, reporter, label, seed) -> float:
+    """Fine-tune ``teaching`` in place (``distill.train_teacher``, see
+    :class:`kdcli.recipe.TeacherTrainingSpec`): cross-entropy plus ``kd_weight`` × KD toward a
+    frozen copy of ``student``. Returns its validation accuracy afterwards; it is left frozen."""
+    from kdcli.distill import Distiller
+    from kdcli.losses.spec import CE, KD
+
+    spec = recipe.distill.train_teacher
+    cfg = recipe.distill.train.model_copy(update={"epochs": spec.epochs, "lr": spec.lr})
+    torch.manual_seed(seed)
+    loader = data.loader("train", train=True, device=device, seed=seed)
+    for p in teaching.parameters():
+        p.requires_grad_(True)
+    kw = {}
+    if spec.kd_weight > 0:
+        losses = [CE(weight=1.0), KD(temperature=spec.temperature, weight=spec.kd_weight)]
+        guide = Distiller(copy.deepcopy(student), teaching, losses, torch.zeros(2, *data.input_shape, device=device))
+        if not loader.augmented:
+            guide.enable_teacher_cache(len(data.train.y))
+        kw = {"objective": guide, "extra_modules": [guide], "before_epoch": guide.set_epoch}
+    res = fit(teaching, loader, cfg, val_batches=val, device=device, progress=lambda m: reporter.metrics(label, m), **kw)
+    teaching.eval()
+    for p in teaching.parameters():
+        p.requires_grad_(False)
+    return _last_val(res.history, teaching, val, device)
 
 
 def _last_val(history: list, student, val, device) -> float:

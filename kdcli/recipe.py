@@ -77,11 +77,28 @@ class StudentSpec(Strict):
         return self
 
 
+class TeacherTrainingSpec(Strict):
+    """``distill.train_teacher``: the "train the teacher" step of DKDP, between pruning steps.
+
+    After each kept step the teacher that teaches is fine-tuned for ``epochs`` at ``lr`` with
+    cross-entropy on the transfer set plus ``kd_weight`` × Hinton KD (at ``temperature``) toward
+    the current, frozen student: one direction of Deep Mutual Learning (Zhang et al. 2018), which
+    moves the teacher towards what the pruned student can represent, a student-friendly teacher
+    (Park et al. 2021, "Learning Student-Friendly Teacher Networks"). ``kd_weight: 0`` is plain
+    fine-tuning. The accuracy budget stays measured against the original teacher."""
+
+    epochs: int = Field(1, ge=1, le=1000)
+    lr: float = Field(0.005, gt=0, le=10)
+    kd_weight: float = Field(0.5, ge=0)
+    temperature: float = Field(4.0, gt=0)
+
+
 class DistillSpec(Strict):
     losses: list[LossSpec] = Field(default_factory=lambda: list(DEFAULT_LOSSES))
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=3, lr=0.02))
     granularity: str | None = None  # path to a granularity.json written by `kdcli analyze`
     cache_teacher: bool = True
+    train_teacher: TeacherTrainingSpec | None = None
 
     @field_validator("losses")
     @classmethod
@@ -172,6 +189,9 @@ class Recipe(Strict):
         if isinstance(self.teacher, (SpecialistsSpec, DiversifiedSpec)) and self.student.model is None:
             raise PydanticCustomError("ensemble_student", "student.model: an ensemble teacher cannot be pruned "
                                       "into the student; declare the student's architecture (student: {model: ...})")
+        if isinstance(self.teacher, (SpecialistsSpec, DiversifiedSpec)) and self.distill.train_teacher is not None:
+            raise PydanticCustomError("ensemble_training", "distill.train_teacher: an ensemble teacher is not "
+                                      "fine-tuned between steps; remove train_teacher or use a single teacher")
         return self
 
     # Set by load_recipe: where relative paths resolve, and what the file said.

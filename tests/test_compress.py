@@ -105,3 +105,64 @@ def test_declared_student_with_all_to_all_vid_reports_lambda(tmp_path):
     plain = run(tmp_path, "plain", extra=["target.max_accuracy_drop=0.05"])
     assert plain.vid_lambda is None
     assert "VID layer weights" not in (tmp_path / "plain" / "compress_report.html").read_text()
+
+
+TRAIN_TEACHER = ["distill.train_teacher={epochs: 2, lr: 0.01, kd_weight: 1.0}", "target.max_accuracy_drop=0.05"]
+
+
+def _kl_to(model, other, x) -> float:
+    with torch.no_grad():
+        p = torch.log_softmax(model(x) / 4, 1)
+        q = torch.log_softmax(other(x) / 4, 1)
+    return float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean"))
+
+
+def test_train_teacher_between_steps_moves_the_teacher_toward_the_student(tmp_path):
+    from kdcli.checkpoint import load_model_file
+    from kdcli.data import load_data
+
+    res = run(tmp_path, extra=TRAIN_TEACHER)
+    kept = [r for r in res.steps if r["accepted"]]
+    assert kept and all(r["teacher_val_accuracy"] is not None for r in kept)
+    assert all(r["teacher_val_accuracy"] is None for r in res.steps if not r["accepted"])
+    run_dir = tmp_path / "run"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["teacher_file"] == f"steps/teacher_{kept[-1]['step']:03d}.kdc"
+    original, _ = load_model_file(run_dir / "teacher.kdc")
+    tuned, _ = load_model_file(run_dir / state["teacher_file"])
+    student, _ = load_model_file(run_dir / "student.kdc")
+    for m in (original, tuned, student):
+        m.eval()
+    recipe = C.resume_recipe(run_dir)
+    x, _ = load_data(recipe.data, base_dir=recipe.base_dir, seed=recipe.seed).eval_tensors("val", torch.device("cpu"))
+    # the fine-tuned teacher changed, and KD toward the student brought it closer to the student
+    assert any(not torch.equal(a, b) for a, b in zip(original.state_dict().values(), tuned.state_dict().values()))
+    assert _kl_to(tuned, student, x) < _kl_to(original, student, x)
+    # the budget and the report still measure the original teacher
+    from kdcli.train import evaluate, tensor_batches
+
+    assert res.teacher["val_accuracy"] == pytest.approx(evaluate(original, tensor_batches(*load_data(
+        recipe.data, base_dir=recipe.base_dir, seed=recipe.seed).eval_tensors("val", torch.device("cpu"))))["accuracy"])
+
+
+def test_resume_with_train_teacher_gives_the_clean_result(tmp_path, monkeypatch):
+    clean = run(tmp_path, "clean", extra=TRAIN_TEACHER)
+    calls = {"n": 0}
+    real = C._distil
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed in step 2, after step 1 fine-tuned the teacher
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "_distil", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "killed", extra=TRAIN_TEACHER)
+    assert json.loads((tmp_path / "killed" / "state.json").read_text())["teacher_file"] == "steps/teacher_001.kdc"
+    monkeypatch.setattr(C, "_distil", real)
+    resumed = C.compress(C.resume_recipe(tmp_path / "killed"), tmp_path / "killed", device=torch.device("cpu"))
+    assert resumed.student["macs"] == clean.student["macs"]
+    assert resumed.student["val_accuracy"] == pytest.approx(clean.student["val_accuracy"], abs=1e-9)
+    assert [r["teacher_val_accuracy"] for r in resumed.steps] == pytest.approx(
+        [r["teacher_val_accuracy"] for r in clean.steps], nan_ok=True)
