@@ -28,6 +28,10 @@ MINIMAL = "teacher:\n  model: mlp\n"
     (MINIMAL + "data:\n  source: mnist\n", r"^r\.yaml:4: data\.source: .*'mnist'.*'idx', 'cifar10-bin'"),
     (MINIMAL + "target: {macs: 1.5}\n", r"^r\.yaml:3: target: .*a fraction must be <= 1"),
     (MINIMAL + "device: gpu\n", r"^r\.yaml:3: device: .*auto, cpu, cuda or cuda:N"),
+    (MINIMAL + "distill:\n  train_teacher: {epochs: 0}\n",
+     r"^r\.yaml:4: distill\.train_teacher\.epochs: Input should be greater than or equal to 1"),
+    ("teacher: {ensemble: diversified, model: mlp}\nstudent: {model: mlp}\ndistill:\n  train_teacher: {}\n",
+     r"distill\.train_teacher: an ensemble teacher is not fine-tuned"),
 ])
 def test_errors_name_file_line_and_field(text, message):
     with pytest.raises(RecipeError, match=message):
