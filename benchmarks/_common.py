@@ -113,11 +113,12 @@ def _r(v: float | None, nd: int = 4):
 
 
 def train_student(run: Run, student: nn.Module, loader, cfg, *, objective=None, extra_modules=(),
-                  before_epoch=None, val, test, device: torch.device) -> Run:
+                  before_epoch=None, val, test, device: torch.device, more: dict | None = None) -> Run:
     """Train ``student`` with :func:`kdcli.train.fit` and fill ``run`` with its validation and test
-    accuracy and wall time. A :class:`kdcli.errors.TrainingDiverged` (non-finite loss) marks the
-    run ``diverged`` with the library's message instead of ending the benchmark: a diverged
-    learning rate is a result of the sweep, not a crash."""
+    accuracy and wall time (and ``run.extra[NAME + "_accuracy"]`` for each of the ``more``
+    batches). A :class:`kdcli.errors.TrainingDiverged` (non-finite loss) marks the run
+    ``diverged`` with the library's message instead of ending the benchmark: a diverged learning
+    rate is a result of the sweep, not a crash."""
     t0 = time.perf_counter()
     tag = f"{run.variant} lr={run.lr:g} seed={run.seed}"
     try:
@@ -129,6 +130,8 @@ def train_student(run: Run, student: nn.Module, loader, cfg, *, objective=None, 
     else:
         run.val_accuracy = evaluate(student, val, device)["accuracy"]
         run.test_accuracy = evaluate(student, test, device)["accuracy"]
+        for name, batches in (more or {}).items():
+            run.extra[f"{name}_accuracy"] = round(evaluate(student, batches, device)["accuracy"], 4)
         log.info(f"{tag}: val {100 * run.val_accuracy:.2f}%  test {100 * run.test_accuracy:.2f}%")
     run.seconds = time.perf_counter() - t0
     return run
