@@ -32,7 +32,7 @@ often top-1 changes).
 Prints one JSON object, nothing else. Default run: about 30 minutes on 2 shared CPU cores (1 torch
 thread: on a loaded 2-core machine a second thread only adds contention for these small models).
 
-    python benchmarks/ensembles.py [--dataset cifar10|fashion-mnist] [--epochs 8] [--specialist-epochs 6]
+    python benchmarks/ensembles.py [--dataset cifar10|fashion-mnist] [--epochs 8] [--student-epochs N] [--specialist-epochs 6]
                                    [--student-seeds 3] [--limit-train N] [--threads 1] [--seed 0]
 """
 
@@ -134,6 +134,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
     ap.add_argument("--epochs", type=int, default=8, help="epochs per model (teachers, members, students)")
+    ap.add_argument("--student-epochs", type=int, default=None,
+                    help="epochs of every student (the same for all teachers; default: --epochs)")
     ap.add_argument("--specialist-epochs", type=int, default=6)
     ap.add_argument("--specialist-lr", type=float, default=0.05)
     ap.add_argument("--student-seeds", type=int, default=3, help="students trained per teacher (accuracies averaged)")
@@ -215,9 +217,11 @@ def main() -> None:
                               "seconds": round(meta["seconds"], 1), "sample_epochs": meta["sample_epochs"]}
                        for name, (m, meta) in teachers.items()}
     seeds = [a.seed + 5 + i for i in range(a.student_seeds)]
-    out["students"] = {"scratch": distil(None, data, cfg, seeds, val, test)}
+    s_cfg = cfg.model_copy(update={"epochs": a.student_epochs or a.epochs})
+    out["student_epochs"] = s_cfg.epochs
+    out["students"] = {"scratch": distil(None, data, s_cfg, seeds, val, test)}
     for name in ("generalist", "specialists", "diversified", "independent"):
-        out["students"][f"from_{name}"] = distil(teachers[name][0], data, cfg, seeds, val, test)
+        out["students"][f"from_{name}"] = distil(teachers[name][0], data, s_cfg, seeds, val, test)
 
     t, s = out["teachers"], out["students"]
     key = f"{ds['judge']}_accuracy"
