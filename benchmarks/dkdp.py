@@ -163,7 +163,11 @@ def main() -> None:
                   "drop_points": 100 * (t_acc - kd_acc), "val_accuracy": kd_val,
                   "val_drop_points": 100 * (t_val - kd_val), "seconds": round(kd_seconds, 1), "epochs": epochs,
                   "tau": [r["tau"] for r in res.steps], "accepted": [r["accepted"] for r in res.steps],
-                  "target_met": res.target_met},
+                  "target_met": res.target_met,
+                  # distill.train_teacher: epochs spent fine-tuning the teacher (not the student's)
+                  "teacher_epochs": (recipe.distill.train_teacher.epochs * sum(r["accepted"] for r in res.steps)
+                                     if recipe.distill.train_teacher else 0),
+                  "teacher_val_accuracy": [r.get("teacher_val_accuracy") for r in res.steps]},
         "baseline": {"macs": b_macs, "params": b_params, "macs_ratio": b_macs / t_macs, "test_accuracy": b_acc,
                      "drop_points": 100 * (t_acc - b_acc), "val_accuracy": b_val, "seconds": round(base_seconds, 1), "epochs": epochs},
     })
