@@ -169,8 +169,8 @@ def run_student(args, variant: str, lr: float, seed: int, data, teacher, batches
                     device=device, **batches)
     lam = d.lambda_report()
     if variant == "vid_all_to_all" and lam is not None:
-        run.extra = {"lambda": lam["matrix"], "teacher_layers": lam["teacher_layers"],
-                     "student_layers": lam["student_layers"]}
+        run.extra.update({"lambda": lam["matrix"], "teacher_layers": lam["teacher_layers"],
+                          "student_layers": lam["student_layers"]})
     return run
 
 
