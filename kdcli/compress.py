@@ -299,8 +299,8 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
             state.accepted_steps = k
             sinfo.pruning_history = sinfo.pruning_history + new_history
             path = f"steps/step_{k:03d}.kdc"
-            _save_model(rd.path / path, student, sinfo, recipe, data, {"val_accuracy": acc, "macs": new_macs,
-                                                                          "params": new_params, "step": k})
+            _save_model(rd.path / path, student, sinfo, recipe, data,
+                        {"val_accuracy": acc, "macs": new_macs, "params": new_params, "step": k})
             state.student_file = path
             if lam is not None:
                 state.vid_lambda[path] = lam
