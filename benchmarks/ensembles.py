@@ -29,10 +29,17 @@ an ensemble beats the student distilled from the generalist alone. ``combine_con
 compares the KL combination after the recipe's steps with a long run (the objective gap, and how
 often top-1 changes).
 
-Prints one JSON object, nothing else. Default run: about 30 minutes on 2 shared CPU cores (1 torch
+Measured (CIFAR-10 defaults, 2026-12-02, 39 minutes on 2 shared cores), on the 10,000 held-out
+images: generalist 70.30 %, with specialists 71.42 % (3.8 % fewer errors; the same-budget control
+70.76 %), diversified ensemble 72.30 %, independent ensemble 72.80 %; students (20 epochs, mean of
+3 seeds) 63.10 % alone, 66.09 % from the generalist, 66.35 % from the specialists, 66.47 % from
+the diversified and 66.90 % from the independent ensemble. With 8 student epochs instead, every
+distilled student was within 0.4 point of the generalist's (64.03-64.61 %).
+
+Prints one JSON object, nothing else. Default run: about 40 minutes on 2 shared CPU cores (1 torch
 thread: on a loaded 2-core machine a second thread only adds contention for these small models).
 
-    python benchmarks/ensembles.py [--dataset cifar10|fashion-mnist] [--epochs 8] [--student-epochs N] [--specialist-epochs 6]
+    python benchmarks/ensembles.py [--dataset cifar10|fashion-mnist] [--epochs 8] [--student-epochs 20] [--specialist-epochs 6]
                                    [--student-seeds 3] [--limit-train N] [--threads 1] [--seed 0]
 """
 
@@ -134,8 +141,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
     ap.add_argument("--epochs", type=int, default=8, help="epochs per model (teachers, members, students)")
-    ap.add_argument("--student-epochs", type=int, default=None,
-                    help="epochs of every student (the same for all teachers; default: --epochs)")
+    ap.add_argument("--student-epochs", type=int, default=20,
+                    help="epochs of every student (the same for all teachers); at 8 they were too short for "
+                         "any teacher's advantage to show")
     ap.add_argument("--specialist-epochs", type=int, default=6)
     ap.add_argument("--specialist-lr", type=float, default=0.05)
     ap.add_argument("--student-seeds", type=int, default=3, help="students trained per teacher (accuracies averaged)")
@@ -217,7 +225,7 @@ def main() -> None:
                               "seconds": round(meta["seconds"], 1), "sample_epochs": meta["sample_epochs"]}
                        for name, (m, meta) in teachers.items()}
     seeds = [a.seed + 5 + i for i in range(a.student_seeds)]
-    s_cfg = cfg.model_copy(update={"epochs": a.student_epochs or a.epochs})
+    s_cfg = cfg.model_copy(update={"epochs": a.student_epochs})
     out["student_epochs"] = s_cfg.epochs
     out["students"] = {"scratch": distil(None, data, s_cfg, seeds, val, test)}
     for name in ("generalist", "specialists", "diversified", "independent"):
