@@ -248,7 +248,7 @@ def write_html(path: Path, out: dict, lam, t_layers, s_layers) -> None:
             "<p>Rows: teacher layers; columns: student layers; each column sums to 1 "
             "(mean over seeds at the chosen lr).</p>"]
     if lam is not None:
-        body.append(heatmap(lam, t_layers, s_layers, title="learned λ (teacher × student)"))
+        body.append(heatmap(lam, t_layers, s_layers, title="learned λ (teacher × student)", value_range=(0.0, 1.0)))
         gone = {s: t for s, t in out["lambda"]["collapsed"].items() if t}
         if gone:
             body.append("<p>λ collapsed (≥ 0.95 on one teacher layer) for student layers: "

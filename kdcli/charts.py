@@ -183,11 +183,16 @@ def bar_chart(labels: Sequence[str], values_by_series: dict[str, list[float]], *
     return _frame(title, body)
 
 
-def heatmap(matrix: list[list[float]], row_labels: Sequence[str], col_labels: Sequence[str], *, title: str) -> str:
-    """Heatmap of a rows × cols matrix on a white→blue scale, each cell labelled with its value."""
+def heatmap(matrix: list[list[float]], row_labels: Sequence[str], col_labels: Sequence[str], *, title: str,
+            value_range: tuple[float, float] | None = None) -> str:
+    """Heatmap of a rows × cols matrix on a white→blue scale, each cell labelled with its value.
+
+    The scale spans the matrix's own minimum and maximum, or ``value_range`` where the values
+    have a natural one (0 to 1 for weights that form a distribution, so that 0.48 against 0.52
+    does not look like white against blue)."""
     rows, cols = len(matrix), max((len(r) for r in matrix), default=0)
     vals = [float(v) for r in matrix for v in r if v is not None and math.isfinite(v)]
-    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    lo, hi = value_range if value_range is not None else (min(vals), max(vals)) if vals else (0.0, 1.0)
     left, top = 120, _MT + 6
     cell_w = max(18.0, min(60.0, (_W - left - 16) / max(cols, 1)))
     cell_h = max(14.0, min(30.0, 360 / max(rows, 1)))
@@ -217,9 +222,9 @@ def heatmap(matrix: list[list[float]], row_labels: Sequence[str], col_labels: Se
         lab = col_labels[j] if j < len(col_labels) else j
         body.append(f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="end" class="tk" '
                     f'transform="rotate(-45 {x:.1f} {y:.1f})">{_esc(lab)}</text>')
-    body.append(f'<text x="{left}" y="{height - 6}" class="tk">scale: {_esc(_fmt(lo))} (white) → '
-                f'{_esc(_fmt(hi))} (blue)</text>')
-    return _frame(title, body, height=height, width=max(width, 300))
+    scale = f"scale: {_fmt(lo)} (white) → {_fmt(hi)} (blue)"
+    body.append(f'<text x="{left}" y="{height - 6}" class="tk">{_esc(scale)}</text>')
+    return _frame(title, body, height=height, width=max(width, 300, int(left + 6.5 * len(scale) + 16)))
 
 
 def histogram(values: Sequence[float], bins: int, *, title: str) -> str:

@@ -131,7 +131,9 @@ def render_html(result) -> str:
     kept = [(r["macs_ratio"], 100 * r["val_accuracy"]) for r in result.steps if r["accepted"]]
     undone = [(r["macs_ratio"], 100 * r["val_accuracy"]) for r in result.steps
               if not r["accepted"] and r["val_accuracy"] == r["val_accuracy"]]
-    series = {"teacher": teacher_pt, "student (kept steps)": [(1.0, 100 * t["val_accuracy"])] + kept}
+    series = {"teacher": teacher_pt}
+    if kept:  # a declared student has no steps: its point alone, not one on the teacher's
+        series["student (kept steps)"] = [(1.0, 100 * t["val_accuracy"])] + kept
     if undone:
         series["undone steps"] = undone
     s = result.student
@@ -149,7 +151,8 @@ def render_html(result) -> str:
         body += [f"<h2>VID layer weights λ ({_lambda_kind(lam)})</h2>",
                  "<p>How much each student layer (column) learns from each teacher layer (row) in the "
                  "distillation that made this student; each column sums to 1.</p>",
-                 heatmap(lam["matrix"], lam["teacher_layers"], lam["student_layers"], title="λ (teacher × student)")]
+                 heatmap(lam["matrix"], lam["teacher_layers"], lam["student_layers"], title="λ (teacher × student)",
+                         value_range=(0.0, 1.0))]
     return html_page("kdcli compress report", "\n".join(body))
 
 

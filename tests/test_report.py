@@ -178,6 +178,11 @@ def test_bar_heatmap_histogram_and_table():
     assert bars.count("<rect") == 5 + 2  # finite bars + two legend swatches
     hm = heatmap([[0.0, 1.0], [0.5, 0.25]], ["r1", "r2"], ["c1", "c<2"], title="h")
     assert hm.count("<rect") == 4 and "c&lt;2" in hm and "rgb(255,255,255)" in hm and "rgb(0,114,178)" in hm
+    # a fixed range: 0.476 against 0.524 is two mid-blues, not white against blue
+    near = heatmap([[0.524], [0.476]], ["a", "b"], ["s"], title="λ", value_range=(0.0, 1.0))
+    assert "rgb(255,255,255)" not in near and "rgb(0,114,178)" not in near and "scale: 0 (white) → 1 (blue)" in near
+    width = int(re.search(r'<svg width="(\d+)"', near).group(1))
+    assert width >= 120 + 6.5 * len("scale: 0 (white) → 1 (blue)")  # the scale line is not cut off
     hist = histogram([0, 0, 0, 1, 2, 3, 3, 4], 4, title="hist")
     counts = [int(m) for m in re.findall(r"\): (\d+)</title>", hist)]
     assert counts == [3, 1, 1, 3]  # [0,1) [1,2) [2,3) [3,4]: the maximum lands in the last bin
