@@ -194,7 +194,7 @@ def ordering(summary: dict) -> dict:
     """The floor: both VID variants above KD above the student alone (seed means)."""
     m = {k: summary[k]["mean"] for k in VARIANTS}
     ok = None not in m.values() and m["vid_pairwise"] > m["kd"] and m["vid_all_to_all"] > m["kd"] > m["student"]
-    return {"rule": "mean test accuracy: vid_pairwise > kd, vid_all_to_all > kd, kd > student", "met": bool(ok),
+    return {"rule": "mean accuracy on the judged split: vid_pairwise > kd, vid_all_to_all > kd, kd > student", "met": bool(ok),
             "margins": None if None in m.values() else {
                 "kd - student": round(m["kd"] - m["student"], 4),
                 "vid_pairwise - kd": round(m["vid_pairwise"] - m["kd"], 4),
@@ -242,8 +242,8 @@ def write_html(path: Path, out: dict, lam, t_layers, s_layers) -> None:
             html_table(["model", "mean", "std", "per seed", "official test (first 1,000), mean", "seed study"], rows),
             f"<p>Ordering floor: <b class=\"{'ok' if out['floor']['met'] else 'fail'}\">"
             f"{'met' if out['floor']['met'] else 'not met'}</b> ({out['floor']['rule']}).</p>",
-            bar_chart(list(VARIANTS), {"mean test accuracy": [out["variants"][k]["mean"] for k in VARIANTS]},
-                      title="Student test accuracy (mean over seeds)", y_label="accuracy"),
+            bar_chart(list(VARIANTS), {"mean accuracy": [out["variants"][k]["mean"] for k in VARIANTS]},
+                      title="Student accuracy on the judged split (mean over seeds)", y_label="accuracy"),
             "<h2>Learned λ (all-to-all VID)</h2>",
             "<p>Rows: teacher layers; columns: student layers; each column sums to 1 "
             "(mean over seeds at the chosen lr).</p>"]
