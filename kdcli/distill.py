@@ -159,24 +159,24 @@ class Distiller(nn.Module):
         connectors, VID's μ and σ², learned λ."""
         return list(self.terms.parameters())
 
+    def _vid_term(self):
+        return next((term for term in self.terms if hasattr(term, "lambda_matrix")), None)
+
     def lambda_matrix(self) -> torch.Tensor | None:
         """λ of the first VID term, (teacher layers × student layers), columns summing to 1; None
         without a VID term."""
-        for term in self.terms:
-            if hasattr(term, "lambda_matrix"):
-                return term.lambda_matrix().detach().cpu()
-        return None
+        term = self._vid_term()
+        return None if term is None else term.lambda_matrix().detach().cpu()
 
     def lambda_report(self) -> dict | None:
         """λ of the first VID term for a report: ``{"matrix": rows of floats (teacher × student),
         "teacher_layers", "student_layers", "learned"}``; None without a VID term."""
-        for term in self.terms:
-            if hasattr(term, "lambda_matrix"):
-                lam = term.lambda_matrix().detach().cpu()
-                return {"matrix": [[round(float(v), 4) for v in row] for row in lam],
-                        "teacher_layers": list(term.teacher_layers), "student_layers": list(term.student_layers),
-                        "learned": bool(term.learned)}
-        return None
+        term = self._vid_term()
+        if term is None:
+            return None
+        return {"matrix": [[round(float(v), 4) for v in row] for row in self.lambda_matrix()],
+                "teacher_layers": list(term.teacher_layers), "student_layers": list(term.student_layers),
+                "learned": bool(term.learned)}
 
 
 def _validate_spec(obj: dict, k: int):
