@@ -491,15 +491,17 @@ def _suggested_ratios(path: Path) -> dict[str, float]:
         raise InputError(f"prune.ratios_from: {path} holds no suggested_ratios (expected analysis.json from `kdcli analyze`)") from None
 
 
-def _distil(recipe, teacher, student, data, device, granularity, val, reporter, label, cfg, seed, shared):
-    """Distil ``teacher`` into ``student`` for ``cfg.epochs`` epochs with the recipe's losses;
-    returns (the fit's history, λ of the VID term or None). ``shared`` carries what successive
-    calls of one run reuse (the teacher cache)."""
+def _distil(recipe, teacher, student, data, device, granularity, val, reporter, label, cfg, seed, shared,
+            losses=None):
+    """Distil ``teacher`` into ``student`` for ``cfg.epochs`` epochs with ``losses`` (the recipe's
+    by default); returns (the fit's history, λ of the VID term or None). ``shared`` carries what
+    successive calls with the same teacher reuse (the teacher cache)."""
     from kdcli.distill import Distiller
 
     torch.manual_seed(seed)
     example = torch.zeros(2, *data.input_shape, device=device)
-    distiller = Distiller(teacher, student, recipe.distill.losses, example, granularity=granularity).to(device)
+    distiller = Distiller(teacher, student, recipe.distill.losses if losses is None else losses, example,
+                          granularity=granularity).to(device)
     loader = data.loader("train", train=True, device=device, seed=seed)
     if recipe.distill.cache_teacher and not loader.augmented:
         # one cache for the whole run: same frozen teacher, same losses, same split every step
@@ -513,27 +515,20 @@ def _train_teacher(recipe, teaching, student, data, device, val, reporter, label
     """Fine-tune ``teaching`` in place (``distill.train_teacher``, see
     :class:`kdcli.recipe.TeacherTrainingSpec`): cross-entropy plus ``kd_weight`` × KD toward a
     frozen copy of ``student``. Returns its validation accuracy afterwards; it is left frozen."""
-    from kdcli.distill import Distiller
     from kdcli.losses.spec import CE, KD
 
     spec = recipe.distill.train_teacher
     cfg = recipe.distill.train.model_copy(update={"epochs": spec.epochs, "lr": spec.lr})
-    torch.manual_seed(seed)
-    loader = data.loader("train", train=True, device=device, seed=seed)
     for p in teaching.parameters():
         p.requires_grad_(True)
-    kw = {}
-    if spec.kd_weight > 0:
-        losses = [CE(weight=1.0), KD(temperature=spec.temperature, weight=spec.kd_weight)]
-        guide = Distiller(copy.deepcopy(student), teaching, losses, torch.zeros(2, *data.input_shape, device=device))
-        if not loader.augmented:
-            guide.enable_teacher_cache(len(data.train.y))
-        kw = {"objective": guide, "extra_modules": [guide], "before_epoch": guide.set_epoch}
-    res = fit(teaching, loader, cfg, val_batches=val, device=device, progress=lambda m: reporter.metrics(label, m), **kw)
+    # the roles swap: a frozen copy of the student teaches (a KD term of weight 0 is left out)
+    losses = [CE(weight=1.0), KD(temperature=spec.temperature, weight=spec.kd_weight)]
+    hist, _ = _distil(recipe, copy.deepcopy(student), teaching, data, device, None, val, reporter, label, cfg, seed,
+                      shared={}, losses=losses)
     teaching.eval()
     for p in teaching.parameters():
         p.requires_grad_(False)
-    return _last_val(res.history, teaching, val, device)
+    return _last_val(hist, teaching, val, device)
 
 
 def _last_val(history: list, student, val, device) -> float:

@@ -134,15 +134,14 @@ def test_train_teacher_between_steps_moves_the_teacher_toward_the_student(tmp_pa
     for m in (original, tuned, student):
         m.eval()
     recipe = C.resume_recipe(run_dir)
-    x, _ = load_data(recipe.data, base_dir=recipe.base_dir, seed=recipe.seed).eval_tensors("val", torch.device("cpu"))
+    x, y = load_data(recipe.data, base_dir=recipe.base_dir, seed=recipe.seed).eval_tensors("val", torch.device("cpu"))
     # the fine-tuned teacher changed, and KD toward the student brought it closer to the student
     assert any(not torch.equal(a, b) for a, b in zip(original.state_dict().values(), tuned.state_dict().values()))
     assert _kl_to(tuned, student, x) < _kl_to(original, student, x)
     # the budget and the report still measure the original teacher
     from kdcli.train import evaluate, tensor_batches
 
-    assert res.teacher["val_accuracy"] == pytest.approx(evaluate(original, tensor_batches(*load_data(
-        recipe.data, base_dir=recipe.base_dir, seed=recipe.seed).eval_tensors("val", torch.device("cpu"))))["accuracy"])
+    assert res.teacher["val_accuracy"] == pytest.approx(evaluate(original, tensor_batches(x, y))["accuracy"])
 
 
 def test_resume_with_train_teacher_gives_the_clean_result(tmp_path, monkeypatch):
@@ -152,7 +151,7 @@ def test_resume_with_train_teacher_gives_the_clean_result(tmp_path, monkeypatch)
 
     def dying(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # killed in step 2, after step 1 fine-tuned the teacher
+        if calls["n"] == 3:  # step 1's distillation, its teacher fine-tuning, then killed in step 2
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
