@@ -20,15 +20,20 @@ replayed (:func:`kdcli.prune.replay_history`) and the weights loaded strictly.
 
 from __future__ import annotations
 
+import math
+import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from kdcli.errors import CheckpointError, ModelError
+from kdcli.models import absolute_spec, build_model, code_named_by, is_file_spec, map_spec_names
+from kdcli.prune import replay_history
 from kdcli.run import atomic_torch_save
 
 FORMAT = "kdcli-model"
@@ -60,9 +65,11 @@ def _torch_load(path: Path, trust: bool):
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file") from None
     except pickle.UnpicklingError as exc:
-        if not trust and "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path}: holds pickled objects (e.g. a whole nn.Module) that can run code when "
-                                  "loaded; pass --trust-checkpoint if you trust its source") from None
+        if not trust and "Weights only load failed" in str(exc):
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(f"{path}: holds pickled objects{what} that can run code when loaded (e.g. a whole "
+                                  "nn.Module); pass --trust-checkpoint only if you trust its source") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_reason(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/KeyError/... on bad files
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format: "
@@ -155,15 +162,15 @@ def load_model(spec_name: str, spec_args: dict | None, path: Path, *, input_shap
     the user checkpoint ``path`` strictly (only a missing ``num_batches_tracked`` is tolerated).
     With ``trust`` and a whole pickled module in the file, that module is returned instead.
     The model is returned in eval mode, on the CPU."""
-    from kdcli.models import build_model
-
     path = Path(path)
     obj = read_state_dict(path, trust=trust)
     if isinstance(obj, nn.Module):
         return obj.cpu().eval()
     model = build_model(spec_name, spec_args or {}, input_shape=input_shape, num_classes=num_classes,
                         base_dir=base_dir)
-    model.load_state_dict(_fit(model, obj, f"{path} does not fit model {spec_name}"), strict=True)
+    sd = _fit(model, obj, f"{path} does not fit model {spec_name}")
+    check_finite(sd, str(path))
+    model.load_state_dict(sd, strict=True)
     return model.eval()
 
 
@@ -191,7 +198,10 @@ def _plain(obj: Any, where: str, strict: bool) -> Any:
 def save_model_file(path: Path, model: nn.Module, *, name: str, args: dict | None, input_shape,
                     num_classes: int, pruning_history: list | None = None, metadata: dict | None = None) -> None:
     """Write ``model`` as a kdcli model file at ``path`` (atomically): its spec, pruning history,
-    CPU state dict and JSON-like ``metadata``; see the module docstring for the layout."""
+    CPU state dict and JSON-like ``metadata``; see the module docstring for the layout. An
+    absolute ``file.py:factory`` path in the spec is stored relative to ``path``'s folder."""
+    path = Path(path)
+    name, args = map_spec_names(str(name), dict(args or {}), lambda n: _relative_to_file(n, path.parent))
     history = [[str(n), bool(o), [int(i) for i in idxs]] for n, o, idxs in (pruning_history or [])]
     obj = {
         "format": FORMAT,
@@ -221,35 +231,128 @@ def is_model_file(path: Path) -> bool:
         return False
 
 
-def load_model_file(path: Path, *, base_dir: Path | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild the model of a kdcli model file: build it from its spec, replay its pruning
-    history, load its weights strictly. Returns ``(model in eval mode on the CPU, info)`` where
-    ``info`` holds ``format``, ``format_version``, ``model``, ``pruning_history`` and ``metadata``."""
-    from kdcli.models import build_model
-    from kdcli.prune import replay_history
+# Bounds on what a model file may declare: generous for real models, small enough that a crafted
+# file cannot make kdcli allocate an absurd example input before anything else is checked.
+MAX_INPUT_DIMS = 4
+MAX_INPUT_ELEMENTS = 1 << 26
+MAX_CLASSES = 1_000_000
 
+
+def _check_spec(path: Path, spec: Any) -> tuple[str, dict, tuple[int, ...], int]:
+    """The model spec of a model file as ``(name, args, input_shape, num_classes)``, or
+    CheckpointError naming the field that is not what a kdcli model file holds."""
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{path}: malformed kdcli model file (field 'model': expected a mapping)")
+    name, args = spec.get("name"), spec.get("args") or {}
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{path}: malformed kdcli model file (field 'model.name': expected a model spec string)")
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{path}: malformed kdcli model file (field 'model.args': expected a mapping)")
+    shape = spec.get("input_shape")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_INPUT_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+            or math.prod(shape) > MAX_INPUT_ELEMENTS):
+        raise CheckpointError(f"{path}: malformed kdcli model file (field 'model.input_shape': expected 1 to "
+                              f"{MAX_INPUT_DIMS} positive sizes of at most {MAX_INPUT_ELEMENTS} elements in all, "
+                              f"got {shape!r:.80})")
+    classes = spec.get("num_classes")
+    if not isinstance(classes, int) or isinstance(classes, bool) or not 1 <= classes <= MAX_CLASSES:
+        raise CheckpointError(f"{path}: malformed kdcli model file (field 'model.num_classes': expected an integer "
+                              f"from 1 to {MAX_CLASSES}, got {classes!r:.40})")
+    return name, dict(args), tuple(shape), classes
+
+
+def check_finite(sd: dict[str, torch.Tensor], what: str) -> None:
+    """CheckpointError naming the first floating-point tensor of ``sd`` holding NaN or infinity."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{what}: weight {k} holds NaN or infinite values")
+
+
+def _code_refusal(path: Path, code: list[str]) -> CheckpointError:
+    shown = ", ".join(repr(c) for c in code[:3])
+    return CheckpointError(
+        f"{path}: its model spec would import and run code from {shown}; a model file is data, so only "
+        "built-in models load by default. If you trust that code, name it yourself (--model, or the "
+        "recipe's model) or pass --trust-checkpoint")
+
+
+def _relative_to_file(name: str, folder: Path) -> str:
+    """A ``file.py:factory`` spec's absolute path written relative to the model file's folder, so
+    that the model file and its model code can move together."""
+    if not is_file_spec(name):
+        return name
+    target, _, attr = name.rpartition(":")
+    if not Path(target).is_absolute():
+        return name
+    return f"{Path(os.path.relpath(target, folder.resolve())).as_posix()}:{attr}"
+
+
+def _absolute_from_file(name: str, folder: Path, base_dir: Path | None) -> str:
+    """A model file's ``file.py:factory`` spec resolved: relative to the model file's folder, or,
+    for files written before kdcli stored it that way, to ``base_dir`` where only that exists."""
+    if not is_file_spec(name):
+        return name
+    here = absolute_spec(name, folder)
+    if base_dir is not None and not Path(here.rpartition(":")[0]).is_file():
+        legacy = absolute_spec(name, base_dir)
+        if Path(legacy.rpartition(":")[0]).is_file():
+            return legacy
+    return here
+
+
+def load_model_file(path: Path, *, base_dir: Path | None = None, allow: Iterable[str] = (), trust: bool = False,
+                    model: str | None = None, model_args: dict | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model of a kdcli model file: check its contents, build it from its spec, replay
+    its pruning history, load its (finite) weights strictly. Returns ``(model in eval mode on the
+    CPU, info)`` where ``info`` holds ``format``, ``format_version``, ``model``, ``pruning_history``
+    and ``metadata``.
+
+    A model file is data: a spec naming user code (``module:factory``, ``file.py:factory``, also as
+    an ensemble member) is built only when ``trust`` is set or the same code is in ``allow`` (the
+    specs the user named, in :func:`kdcli.models.absolute_spec` form); otherwise CheckpointError
+    says which code the file wants to run. ``file.py`` paths resolve against the model file's
+    folder. ``model`` (and ``model_args``, by default the file's when ``model`` is the file's own
+    model), named by the user, replace the file's spec."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
     obj = _torch_load(path, trust=False)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a kdcli model file (expected format {FORMAT!r})")
     version = obj.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: kdcli model format version {version}; this kdcli reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: kdcli model format version {version!r:.40}; this kdcli reads version {FORMAT_VERSION}")
+    name, args, input_shape, num_classes = _check_spec(path, obj.get("model"))
+    history, sd = obj.get("pruning_history") or [], obj.get("state_dict")
+    if not isinstance(history, list):
+        raise CheckpointError(f"{path}: malformed kdcli model file (field 'pruning_history': expected a list)")
+    if not _is_state_dict(sd):
+        raise CheckpointError(f"{path}: malformed kdcli model file (field 'state_dict': expected tensors by name)")
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: malformed kdcli model file (field 'metadata': expected a mapping)")
+    check_finite(sd, str(path))
     try:
-        spec = obj["model"]
-        name, args = spec["name"], spec.get("args") or {}
-        input_shape, num_classes = tuple(int(d) for d in spec["input_shape"]), int(spec["num_classes"])
-        history, sd = list(obj.get("pruning_history") or []), obj["state_dict"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: malformed kdcli model file (field {exc})") from None
-    model = build_model(name, args, input_shape=input_shape, num_classes=num_classes, base_dir=base_dir)
-    model.eval()
-    try:
-        replay_history(model, torch.zeros(1, *input_shape), history)
+        name, args = map_spec_names(name, args, lambda n: _absolute_from_file(n, path.parent, base_dir))
+        if model is not None:  # the file's args only when the user named the file's own model
+            args = dict(model_args) if model_args is not None else args if model == name else {}
+            name = model
+        code = code_named_by(name, args)
     except ModelError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    model.load_state_dict(_fit(model, sd, f"{path} does not fit model {name} after its pruning history"), strict=True)
-    info = {"format": FORMAT, "format_version": version, "model": dict(spec), "pruning_history": history,
-            "metadata": dict(obj.get("metadata") or {})}
-    return model, info
-
+    allowed = set(allow) | ({model} if model is not None else set())
+    refused = [c for c in code if c not in allowed]
+    if refused and not trust:
+        raise _code_refusal(path, refused)
+    built = build_model(name, args, input_shape=input_shape, num_classes=num_classes)
+    built.eval()
+    try:
+        replay_history(built, torch.zeros(1, *input_shape), history)
+    except ModelError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    built.load_state_dict(_fit(built, sd, f"{path} does not fit model {name} after its pruning history"), strict=True)
+    info = {"format": FORMAT, "format_version": version,
+            "model": {"name": name, "args": args, "input_shape": list(input_shape), "num_classes": num_classes},
+            "pruning_history": history, "metadata": dict(metadata)}
+    return built, info

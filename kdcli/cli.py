@@ -270,9 +270,15 @@ def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional
         if input_shape is None or num_classes is None:
             raise InputError(f"{path}: a plain checkpoint needs the model's input: --input-shape C,H,W and "
                              "--num-classes N, or --recipe (whose data gives both)")
-    base = rec.base_dir if rec is not None else Path.cwd()
-    return load_model_any(path, spec_name=name, spec_args=args, input_shape=input_shape,
-                          num_classes=num_classes, base_dir=base, trust=trust)
+    from kdcli.models import absolute_spec
+    from kdcli.teacher import recipe_models
+
+    # --model names a model on the command line: relative to here; the recipe's, to its folder.
+    base = Path.cwd() if model is not None or rec is None else rec.base_dir
+    allow = (recipe_models(rec) if rec is not None else []) + ([absolute_spec(model, base)] if model else [])
+    return load_model_any(path, spec_name=name, spec_args=args if (model_args or model is None) else None,
+                          input_shape=input_shape, num_classes=num_classes, base_dir=base, trust=trust,
+                          allow=allow, override=model is not None)
 
 
 @app.command()

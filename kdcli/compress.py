@@ -36,10 +36,12 @@ import torch
 
 from kdcli.console import Reporter
 from kdcli.errors import GateError, InputError, TrainingDiverged
+from kdcli.models import absolute_spec
 from kdcli.prune import count_macs_params
 from kdcli.recipe import Recipe, load_recipe, parse_recipe
 from kdcli.run import atomic_write_json, atomic_write_text
-from kdcli.teacher import ModelInfo, data_metadata, export_info, load_model_any, obtain_teacher, save_model
+from kdcli.teacher import (ModelInfo, data_metadata, export_info, load_model_any, obtain_teacher, recipe_models,
+                           save_model)
 from kdcli.train import evaluate, fit, is_main_process, tensor_batches
 
 STATE_VERSION = 1
@@ -412,7 +414,7 @@ def _initial_student(recipe, data, teacher, tinfo, state, rd, device):
         torch.manual_seed(recipe.seed + 7)
         student = build_model(recipe.student.model, recipe.student.model_args, input_shape=data.input_shape,
                               num_classes=data.num_classes, base_dir=recipe.base_dir).to(device)
-        info = ModelInfo(recipe.student.model, dict(recipe.student.model_args), tuple(data.input_shape),
+        info = ModelInfo(absolute_spec(recipe.student.model, recipe.base_dir), dict(recipe.student.model_args), tuple(data.input_shape),
                          data.num_classes)
     for p in student.parameters():
         p.requires_grad_(True)
@@ -421,7 +423,7 @@ def _initial_student(recipe, data, teacher, tinfo, state, rd, device):
 
 def _load_model(path: Path, recipe, data, device):
     model, info = load_model_any(path, spec_name=None, spec_args=None, input_shape=data.input_shape,
-                                 num_classes=data.num_classes, base_dir=recipe.base_dir)
+                                 num_classes=data.num_classes, base_dir=recipe.base_dir, allow=recipe_models(recipe))
     return model.to(device), info
 
 

@@ -488,6 +488,21 @@ def _zero_producers(dg: tp.DependencyGraph, group) -> None:
             setattr(m, pname, nn.Parameter(q, requires_grad=p.requires_grad))
 
 
+def _check_history_indices(dg: tp.DependencyGraph, module: nn.Module, i: int, entry: tuple) -> None:
+    """ModelError unless the entry's indices are distinct channels of ``module`` that leave at
+    least one: torch-pruning would otherwise fail deep inside, or silently index out of range."""
+    name, is_out, idxs = entry
+    size = dg.get_out_channels(module) if is_out else dg.get_in_channels(module)
+    if size is None:
+        raise ModelError(f"pruning history entry {i}: module {name!r} has no prunable channels")
+    bad = [j for j in idxs if not 0 <= j < size]
+    if bad or len(set(idxs)) != len(idxs) or len(idxs) >= size:
+        what = (f"index {bad[0]} is out of range" if bad else
+                "indices repeat" if len(set(idxs)) != len(idxs) else "it would remove every channel")
+        raise ModelError(f"pruning history entry {i}: {what} for the {size} "
+                         f"{'output' if is_out else 'input'} channels of {name!r}")
+
+
 def replay_history(model: nn.Module, example: torch.Tensor, history: list) -> None:
     """Rebuild a pruned structure on a freshly built ``model`` by replaying ``history`` (entries
     ``[module path, is_out_channel, indices]``, as :meth:`StructuredPruner.history` writes them,
@@ -508,6 +523,7 @@ def replay_history(model: nn.Module, example: torch.Tensor, history: list) -> No
     for i, entry in enumerate(entries):
         if entry[0] not in modules:
             raise ModelError(f"pruning history entry {i}: no module {entry[0]!r} in the model")
+        _check_history_indices(dg, modules[entry[0]], i, entry)
         try:
             dg.load_pruning_history([entry])
         except Exception as exc:  # noqa: BLE001 - torch-pruning raises assorted types

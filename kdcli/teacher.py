@@ -11,12 +11,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from kdcli import __version__
 from kdcli.console import Reporter
+from kdcli.models import absolute_spec
 from kdcli.data import DataBundle
 from kdcli.recipe import Recipe
 from kdcli.train import evaluate, fit, is_main_process, tensor_batches
@@ -61,14 +63,23 @@ def save_model(path: Path, model: nn.Module, info: ModelInfo) -> None:
 
 
 def load_model_any(path: Path, *, spec_name: str | None, spec_args: dict | None, input_shape, num_classes,
-                   base_dir: Path, trust: bool = False) -> tuple[nn.Module, ModelInfo]:
-    """A kdcli model file, or a user checkpoint with the model spec that fits it."""
+                   base_dir: Path, trust: bool = False, allow: Iterable[str] = (),
+                   override: bool = False) -> tuple[nn.Module, ModelInfo]:
+    """A kdcli model file, or a user checkpoint with the model spec that fits it.
+
+    ``spec_name`` is relative to ``base_dir``. A model file is built from its own spec when that
+    names only built-in models or code in ``allow`` (absolute specs the user named; see
+    :func:`kdcli.checkpoint.load_model_file`), or with ``trust``; with ``override`` (the user
+    named the model on the command line) from ``spec_name`` / ``spec_args`` instead."""
     from kdcli.checkpoint import is_model_file, load_model, load_model_file
     from kdcli.errors import CheckpointError
 
     path = Path(path)
     if is_model_file(path):
-        model, info = load_model_file(path, base_dir=base_dir)
+        use = override and spec_name is not None
+        model, info = load_model_file(path, base_dir=base_dir, allow=allow, trust=trust,
+                                      model=absolute_spec(spec_name, base_dir) if use else None,
+                                      model_args=spec_args if use else None)
         spec = info["model"]
         return model, ModelInfo(spec["name"], spec.get("args", {}), tuple(spec["input_shape"]),
                                 spec["num_classes"], list(info.get("pruning_history", [])),
@@ -77,7 +88,15 @@ def load_model_any(path: Path, *, spec_name: str | None, spec_args: dict | None,
         raise CheckpointError(f"{path}: not a kdcli model file, so a model spec is needed (recipe teacher.model or --model)")
     model = load_model(spec_name, spec_args or {}, path, input_shape=input_shape, num_classes=num_classes,
                        base_dir=base_dir, trust=trust)
-    return model, ModelInfo(spec_name, dict(spec_args or {}), tuple(input_shape), num_classes)
+    return model, ModelInfo(absolute_spec(spec_name, base_dir), dict(spec_args or {}), tuple(input_shape), num_classes)
+
+
+def recipe_models(recipe: Recipe) -> list[str]:
+    """The model specs a recipe names (teacher, student, ensemble generalist or members), in
+    :func:`kdcli.models.absolute_spec` form: the code its model files may run without a flag."""
+    specs = [getattr(recipe.teacher, "model", None), recipe.student.model,
+             getattr(getattr(recipe.teacher, "generalist", None), "model", None)]
+    return [absolute_spec(s, recipe.base_dir) for s in specs if isinstance(s, str)]
 
 
 def teacher_key(recipe: Recipe) -> str:
@@ -112,8 +131,8 @@ def train_teacher(recipe: Recipe, data: DataBundle, device: torch.device,
     metrics = {"val_accuracy": evaluate(model, val, device)["accuracy"], "train_seconds": res.seconds}
     if data.test is not None:
         metrics["test_accuracy"] = evaluate(model, tensor_batches(*data.eval_tensors("test", device)), device)["accuracy"]
-    info = ModelInfo(spec.model, dict(spec.model_args), tuple(data.input_shape), data.num_classes,
-                     metadata={**data_metadata(data), "recipe_sha256": recipe.sha256,
+    info = ModelInfo(absolute_spec(spec.model, recipe.base_dir), dict(spec.model_args), tuple(data.input_shape),
+                     data.num_classes, metadata={**data_metadata(data), "recipe_sha256": recipe.sha256,
                                "teacher_key": teacher_key(recipe), "metrics": metrics,
                                "role": "teacher"})
     return model, info, metrics
@@ -140,14 +159,16 @@ def obtain_teacher(recipe: Recipe, data: DataBundle, device: torch.device, run_d
     if getattr(spec, "checkpoint", None):  # ensemble specs have none
         model, info = load_model_any(recipe.resolve(spec.checkpoint), spec_name=spec.model,
                                      spec_args=spec.model_args, input_shape=data.input_shape,
-                                     num_classes=data.num_classes, base_dir=recipe.base_dir, trust=trust)
+                                     num_classes=data.num_classes, base_dir=recipe.base_dir, trust=trust,
+                                     allow=recipe_models(recipe))
         info.metadata = {**data_metadata(data), **info.metadata}
         reporter.info(f"teacher: {spec.checkpoint} ({info.name})")
         return model.to(device), info
     cached = run_dir / "teacher.kdc"
     if cached.exists():
         model, info = load_model_any(cached, spec_name=None, spec_args=None, input_shape=data.input_shape,
-                                     num_classes=data.num_classes, base_dir=recipe.base_dir)
+                                     num_classes=data.num_classes, base_dir=recipe.base_dir,
+                                     allow=recipe_models(recipe))
         if info.metadata.get("teacher_key") == teacher_key(recipe):
             reporter.info(f"teacher: reusing {cached}")
             return model.to(device), info

@@ -278,10 +278,11 @@ def test_static_analysis_of_a_pruned_student_file(tmp_path):
     pruner = StructuredPruner(model, example)
     pruner.prune_ratios({"conv2": 0.5}, pruner.score())
     path = tmp_path / "student.kdc"
-    save_model_file(path, model, name=f"{Path(__file__).resolve()}:SmallNet", args={}, input_shape=[1, 6, 6],
+    spec = f"{Path(__file__).resolve()}:SmallNet"
+    save_model_file(path, model, name=spec, args={}, input_shape=[1, 6, 6],
                     num_classes=3, pruning_history=pruner.history())
     loaded, info = load_model_any(path, spec_name=None, spec_args=None, input_shape=None, num_classes=None,
-                                  base_dir=tmp_path)
+                                  base_dir=tmp_path, allow=[spec])
     res = analyze(loaded, info, None, out_dir=tmp_path / "out")
     assert res["model"]["pruned"] and res["data"] is None
     assert all(res[k] is None for k in ("activation_sensitivity", "redundancy", "pruning_sensitivity", "suggested_ratios"))

@@ -95,8 +95,8 @@ def test_whole_pickled_module_needs_trust(tmp_path, source):
     torch.save(source[0], path)
     with pytest.raises(CheckpointError) as err:
         _load(path)
-    assert str(err.value) == (f"{path}: holds pickled objects (e.g. a whole nn.Module) that can run code when "
-                              "loaded; pass --trust-checkpoint if you trust its source")
+    assert str(err.value) == (f"{path}: holds pickled objects (kdcli.models.zoo.CNN3) that can run code when "
+                              "loaded (e.g. a whole nn.Module); pass --trust-checkpoint only if you trust its source")
     model = _load(path, trust=True)
     assert isinstance(model, nn.Module)
     _assert_same(model, source)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kdcli.console import Reporter
+from kdcli.models import absolute_spec
 from kdcli.ensembles.clusters import generalist_clusters
 from kdcli.ensembles.diversified import AveragedEnsemble, train_diversified
 from kdcli.ensembles.diversity import ensemble_diversity
@@ -25,14 +26,6 @@ from kdcli.ensembles.specialists import SpecialistEnsemble, specialist_from, tra
 SPECIALISTS_FACTORY = "kdcli.ensembles.build:specialist_ensemble"
 AVERAGED_FACTORY = "kdcli.ensembles.build:averaged_ensemble"
 DIVERSITY_SAMPLES = 2000
-
-
-def _model_name(name: str, base_dir: Path) -> str:
-    """A ``file.py:factory`` name made absolute, so the ``.kdc`` file rebuilds from anywhere."""
-    target, sep, attr = name.rpartition(":")
-    if sep and target.endswith(".py") and not Path(target).expanduser().is_absolute():
-        return f"{(Path(base_dir) / Path(target).expanduser()).resolve()}:{attr}"
-    return name
 
 
 def _build_member(spec: dict, input_shape, num_classes: int) -> nn.Module:
@@ -79,9 +72,10 @@ def _generalist(spec, data, device, reporter: Reporter, base_dir: Path, seed: in
         path = Path(g.checkpoint).expanduser()
         path = path if path.is_absolute() else Path(base_dir) / path
         model, info = load_model_any(path, spec_name=g.model, spec_args=g.model_args, input_shape=data.input_shape,
-                                     num_classes=data.num_classes, base_dir=base_dir)
+                                     num_classes=data.num_classes, base_dir=base_dir,
+                                     allow=[absolute_spec(g.model, base_dir)] if g.model else [])
         reporter.info(f"generalist: {g.checkpoint} ({info.name})")
-        return model.to(device), {"name": _model_name(info.name, base_dir), "args": info.args,
+        return model.to(device), {"name": absolute_spec(info.name, base_dir), "args": info.args,
                                   "pruning_history": info.pruning_history}
     torch.manual_seed(seed)
     model = build_model(g.model, g.model_args, input_shape=data.input_shape, num_classes=data.num_classes,
@@ -90,7 +84,7 @@ def _generalist(spec, data, device, reporter: Reporter, base_dir: Path, seed: in
     fit(model, data.loader("train", train=True, device=device, seed=seed), g.train, device=device,
         progress=lambda m: reporter.metrics("generalist", m))
     model.eval()
-    return model, {"name": _model_name(g.model, base_dir), "args": dict(g.model_args), "pruning_history": []}
+    return model, {"name": absolute_spec(g.model, base_dir), "args": dict(g.model_args), "pruning_history": []}
 
 
 def _specialists(spec, data, device, reporter, base_dir, seed):
@@ -122,7 +116,7 @@ def _diversified(spec, data, device, reporter, base_dir, seed):
     from kdcli.models import build_model
     from kdcli.taps import auto_layers
 
-    name = _model_name(spec.model, base_dir)
+    name = absolute_spec(spec.model, base_dir)
     build = lambda i: build_model(name, spec.model_args, input_shape=data.input_shape,  # noqa: E731
                                   num_classes=data.num_classes)
     layers = spec.layers

@@ -29,9 +29,65 @@ BUILTIN = {
 }
 
 
+# kdcli's own factories that a model file may name: they build ensembles whose members are model
+# specs of their own (under these argument keys), so loading one runs the members' code too.
+KDCLI_FACTORIES = {
+    "kdcli.ensembles.build:specialist_ensemble": "generalist",
+    "kdcli.ensembles.build:averaged_ensemble": "member",
+}
+
+
 def builtin_names() -> list[str]:
     """The names of the built-in architectures, sorted."""
     return sorted(BUILTIN)
+
+
+def is_file_spec(name: str) -> bool:
+    """Whether ``name`` is a ``path/to/file.py:factory`` spec."""
+    target, sep, _ = str(name).rpartition(":")
+    return bool(sep) and target.endswith(".py")
+
+
+def absolute_spec(name: str, base_dir: Path | None) -> str:
+    """``name`` with a relative ``file.py:factory`` path made absolute against ``base_dir`` (other
+    specs unchanged): the form model files and code checks compare."""
+    if not is_file_spec(name):
+        return name
+    target, _, attr = name.rpartition(":")
+    path = Path(target).expanduser()
+    if not path.is_absolute():
+        path = Path(base_dir or Path.cwd()) / path
+    return f"{path.resolve()}:{attr}"
+
+
+def map_spec_names(name: str, args: dict, fn: Callable[[str], str]) -> tuple[str, dict]:
+    """``(fn(name), args)`` with ``fn`` applied as well to the member specs that kdcli's ensemble
+    factories carry in their args (see ``KDCLI_FACTORIES``); ``args`` is copied, not changed."""
+    args = dict(args or {})
+    key = KDCLI_FACTORIES.get(name)
+    if key is not None and isinstance(args.get(key), dict) and isinstance(args[key].get("name"), str):
+        inner = dict(args[key])
+        inner["name"], inner["args"] = map_spec_names(inner["name"], inner.get("args") or {}, fn)
+        args[key] = inner
+    return fn(name), args
+
+
+def code_named_by(name: str, args: dict | None) -> list[str]:
+    """The user code (``module:factory`` / ``file.py:factory`` specs) that building the model spec
+    ``(name, args)`` would import and run: none for a built-in; for kdcli's own ensemble factories,
+    that of their members. A member spec that is not ``{"name": str, ...}`` raises ModelError."""
+    if not isinstance(name, str):
+        raise ModelError(f"model name: expected a string, got {type(name).__name__}")
+    if name in BUILTIN:
+        return []
+    key = KDCLI_FACTORIES.get(name)
+    if key is None:
+        return [name]
+    inner = (args or {}).get(key)
+    if not isinstance(inner, dict) or not isinstance(inner.get("name"), str) or \
+            not isinstance(inner.get("args") or {}, dict):
+        raise ModelError(f"model {name!r}: argument {key!r} must be a model spec {{name, args}}")
+    return code_named_by(inner["name"], inner.get("args") or {})
 
 
 def import_callable(spec: str, base_dir: Path | None = None, *, label: str = "model",
