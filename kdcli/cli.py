@@ -32,7 +32,7 @@ DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (defaul
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (progress stays on stderr).")
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks of errors.")
 SET = typer.Option(None, "--set", help="Override a recipe value: KEY.PATH=VALUE (YAML), e.g. prune.steps=2. Repeatable.")
-THREADS = typer.Option(None, "--threads", min=1,
+THREADS = typer.Option(None, "--threads", min=1, max=4096,
                        help="CPU threads for torch (default: torch's, one per core). On a machine shared with "
                             "other jobs, fewer threads avoid contention.")
 TRUST = typer.Option(False, "--trust-checkpoint",
@@ -163,15 +163,20 @@ def train(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (defau
     from kdcli.recipe import load_recipe
     from kdcli.teacher import save_model, train_teacher
 
+    from kdcli.run import check_writable_dir
+
     rec = load_recipe(_recipe_path(recipe), set_ or ())
+    path = out if out is not None else rec.default_out_dir() / "teacher.kdc"
+    if path.suffix != ".kdc":
+        path = path / "teacher.kdc"
+    if path.is_dir():
+        raise InputError(f"--out {path}: is a directory; give a .kdc file or a directory to write teacher.kdc in")
+    check_writable_dir(path.parent, "--out")  # before training, not after it
     dev = _device(device, rec, threads)
     rep = _reporter(json_out)
     data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)
     rep.info(f"data: {data.description}")
     model, info, metrics = train_teacher(rec, data, dev, rep)
-    path = out if out is not None else rec.default_out_dir() / "teacher.kdc"
-    if path.suffix != ".kdc":
-        path = path / "teacher.kdc"
     save_model(path, model, info)
     result = {"teacher": str(path), "model": info.name, **metrics}
     if json_out:
@@ -191,16 +196,26 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
              out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: the recipe's out_dir, else runs/<recipe name>)."),
              overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a run directory that holds an earlier run (its files are replaced)."),
              no_export: bool = typer.Option(False, "--no-export", help="Skip the ONNX export and latency report."),
+             force: bool = typer.Option(False, "--force", help="With --resume: continue although the run's recipe.yaml changed since it started."),
              device: Optional[str] = DEVICE, set_: Optional[List[str]] = SET, trust: bool = TRUST,
              threads: Optional[int] = THREADS, json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """DKDP: prune structurally and distil the teacher into the student until the recipe's target is met."""
     from kdcli.compress import compress as run_compress
     from kdcli.compress import resume_recipe, start_run
 
+    from kdcli.run import RunLock
+
     if resume is not None:
         if recipe is not None or set_:
             raise InputError("--resume continues a run with its own recipe: give no RECIPE or --set with it")
-        rec, run_dir = resume_recipe(resume), resume
+        if not resume.is_dir():
+            raise InputError(f"--resume {resume}: no such run directory")
+        lock = RunLock.acquire(resume)  # before reading its recipe: a live run there is refused
+        try:
+            rec, run_dir = resume_recipe(resume, force=force), resume
+        except BaseException:
+            lock.release()
+            raise
     else:
         rec, run_dir = start_run(_recipe_path(recipe), out_dir=out, overrides=set_ or (), overwrite=overwrite)
     compress._resume_hint = f"kdcli compress --resume {run_dir}"
@@ -299,7 +314,10 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     from kdcli.recipe import load_recipe
     from kdcli.teacher import export_info
 
+    from kdcli.run import check_writable_dir
+
     rec = load_recipe(recipe) if recipe is not None else None
+    check_writable_dir(out, "--out")
     rep = _reporter(json_out)
     data = None
     if rec is not None:
@@ -363,7 +381,11 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
     from kdcli.analysis_report import render_terminal
     from kdcli.recipe import load_recipe
 
+    from kdcli.run import check_writable_dir
+
     rec = load_recipe(recipe) if recipe is not None else None
+    if out is not None:
+        check_writable_dir(out, "--out")
     rep = _reporter(json_out)
     data = _analysis_data(rec, data_flag)
     dev = _device(device, rec, threads)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from kdcli.errors import GateError, InputError, TrainingDiverged
 from kdcli.models import absolute_spec
 from kdcli.prune import count_macs_params
 from kdcli.recipe import Recipe, load_recipe, parse_recipe
-from kdcli.run import atomic_write_json, atomic_write_text
+from kdcli.run import RunLock, atomic_write_json, atomic_write_text
 from kdcli.teacher import (ModelInfo, data_metadata, export_info, load_model_any, obtain_teacher, recipe_models,
                            save_model)
 from kdcli.train import evaluate, fit, is_main_process, tensor_batches
@@ -154,51 +155,102 @@ _RUN_FILES = ("state.json", "run.json", "metrics.jsonl", "result.json", "student
 
 def start_run(recipe_path: Path | None, *, out_dir: Path | None = None, overrides=(), recipe_text: str | None = None,
               overwrite: bool = False) -> tuple[Recipe, Path]:
-    """Validate the recipe and prepare a fresh run directory.
+    """Validate the recipe, lock the run directory (:class:`kdcli.run.RunLock`, held until
+    :func:`compress` ends) and prepare it for a fresh run.
 
-    A directory that holds an earlier run is refused unless ``overwrite``; then that run's state,
-    steps and student are removed (a ``teacher.kdc`` stays: it is reused only if it was trained
-    from the same seed, data and teacher spec)."""
+    A directory that holds an earlier run (one that finished a step: ``state.json``) is refused
+    unless ``overwrite``; then that run's state, steps and student are removed (a ``teacher.kdc``
+    stays: it is reused only if it was trained from the same seed, data and teacher spec). A
+    directory whose run never finished a step (it failed on its data or model, say) is simply
+    started again. A directory locked by a live run is refused, ``overwrite`` or not."""
     if recipe_text is None:
         recipe = load_recipe(recipe_path, overrides)
         recipe_text = Path(recipe_path).read_text()
     else:
         recipe = parse_recipe(recipe_text, str(recipe_path), recipe_path, overrides)
     run_dir = Path(out_dir) if out_dir else recipe.default_out_dir()
-    if (run_dir / "state.json").exists() or (run_dir / "run.json").exists():
-        if not overwrite:
-            raise InputError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, "
-                             "start afresh with --overwrite, or choose another directory with --out")
-        import shutil
-
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out {run_dir}: is a file; a run directory is needed")
+    lock = RunLock.acquire(run_dir)
+    try:
+        if (run_dir / "state.json").exists():
+            if not overwrite:
+                raise InputError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, "
+                                 "start afresh with --overwrite, or choose another directory with --out")
         for name in _RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "steps", ignore_errors=True)
-    rd = RunDir(run_dir)
-    rd.write_text("recipe.yaml", recipe_text)
-    rd.write_json("run.json", {"recipe_path": str(Path(recipe_path).resolve()) if recipe_path else None,
-                               "overrides": list(overrides), "recipe_sha256": recipe.sha256})
+        rd = RunDir(run_dir)
+        rd.write_text("recipe.yaml", recipe_text)
+        rd.write_json("run.json", {"recipe_path": str(Path(recipe_path).resolve()) if recipe_path else None,
+                                   "overrides": list(overrides), "recipe_sha256": recipe.sha256,
+                                   "recipe": recipe.model_dump(mode="json", by_alias=True),
+                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except BaseException:
+        lock.release()
+        raise
     return recipe, run_dir
 
 
-def resume_recipe(run_dir: Path) -> Recipe:
-    """The recipe of an existing run, with paths resolving against the original recipe's folder."""
+def resume_recipe(run_dir: Path, *, force: bool = False) -> Recipe:
+    """The recipe of an existing run, with paths resolving against the original recipe's folder.
+
+    A recipe copy changed since the run started (its hash differs from ``run.json``'s) is refused,
+    naming the changed keys, unless ``force``; then ``run.json`` records the new hash."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"--resume {run_dir}: no such run directory")
     try:
         meta = json.loads((run_dir / "run.json").read_text())
         text = (run_dir / "recipe.yaml").read_text()
     except FileNotFoundError:
-        raise InputError(f"{run_dir}: not a kdcli run directory (no run.json / recipe.yaml)") from None
+        raise InputError(f"--resume {run_dir}: not a kdcli run directory (no run.json / recipe.yaml)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{run_dir / 'run.json'}: unreadable run metadata ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{run_dir / 'run.json'}: unreadable run metadata (expected a mapping)")
     orig = Path(meta["recipe_path"]) if meta.get("recipe_path") else run_dir / "recipe.yaml"
-    return parse_recipe(text, str(run_dir / "recipe.yaml"), orig, meta.get("overrides", []))
+    recipe = parse_recipe(text, str(run_dir / "recipe.yaml"), orig, meta.get("overrides", []))
+    if meta.get("recipe_sha256") and recipe.sha256 != meta["recipe_sha256"]:
+        # Runs started before run.json kept the recipe cannot name keys: any change counts.
+        changed = (_changed_keys(meta["recipe"], recipe.model_dump(mode="json", by_alias=True))
+                   if "recipe" in meta else ["(unknown keys)"])
+        if changed and not force:
+            raise InputError(f"{run_dir / 'recipe.yaml'}: changed since the run started"
+                             f"{' (' + ', '.join(changed[:6]) + ')' if changed else ''}; resuming would mix two "
+                             "recipes: restore it, start afresh with --overwrite, or pass --force to continue")
+        RunDir(run_dir).write_json("run.json", {**meta, "recipe_sha256": recipe.sha256,
+                                                "recipe": recipe.model_dump(mode="json", by_alias=True)})
+    return recipe
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    """The dotted key paths whose values differ between two recipe dumps (old may be None)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _changed_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [k for i, (a, b) in enumerate(zip(old, new)) for k in _changed_keys(a, b, f"{prefix}[{i}]")]
+    return [] if old == new else [prefix or "(recipe)"]
 
 
 def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: Reporter | None = None,
              trust: bool = False, do_export: bool | None = None) -> CompressResult:
     """Run (or continue) DKDP for ``recipe`` in ``run_dir``; see the module docstring."""
+    lock = RunLock.acquire(run_dir)
+    try:
+        return _compress(recipe, run_dir, device=device, reporter=reporter or Reporter(quiet=True), trust=trust,
+                         do_export=do_export)
+    finally:
+        lock.release()
+
+
+def _compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: Reporter, trust: bool,
+              do_export: bool | None) -> CompressResult:
     from kdcli.data import load_data
 
-    reporter = reporter or Reporter(quiet=True)
     rd = RunDir(run_dir)
     state = rd.load_state()
     data = load_data(recipe.data, base_dir=recipe.base_dir, seed=recipe.seed)
@@ -422,6 +474,9 @@ def _initial_student(recipe, data, teacher, tinfo, state, rd, device):
 
 
 def _load_model(path: Path, recipe, data, device):
+    if not Path(path).is_file():
+        raise InputError(f"{path}: missing from the run directory (the run's state names it); restore it, or "
+                         "start afresh with --overwrite")
     model, info = load_model_any(path, spec_name=None, spec_args=None, input_shape=data.input_shape,
                                  num_classes=data.num_classes, base_dir=recipe.base_dir, allow=recipe_models(recipe))
     return model.to(device), info
@@ -508,6 +563,9 @@ def _distil(recipe, teacher, student, data, device, granularity, val, reporter, 
     if recipe.distill.cache_teacher and not loader.augmented:
         # one cache for the whole run: same frozen teacher, same losses, same split every step
         shared["teacher_cache"] = distiller.enable_teacher_cache(len(data.train.y), cache=shared.get("teacher_cache"))
+        # Filled in index order, not in the first shuffled epoch's: a batch's outputs differ in
+        # the last bits with its composition, and a resumed run must see the same cache.
+        distiller.fill_teacher_cache(data.loader("train", train=False, device=device, rank=0, world_size=1))
     res = fit(student, loader, cfg, objective=distiller, extra_modules=[distiller], val_batches=val, device=device,
               progress=lambda m: reporter.metrics(label, m), before_epoch=distiller.set_epoch)
     return res.history, distiller.lambda_report()

@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from kdcli.errors import DataError
 
@@ -27,7 +27,8 @@ from kdcli.errors import DataError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: a nan mean or std, or an inf fraction, would poison every batch
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DigitsSource(_Strict):
@@ -52,6 +53,9 @@ class Cifar10BinSource(_Strict):
     classes: list[str] | None = None
 
 
+_MAX_SIDE = 8192  # pixels of a resized image side: an 8k x 8k x 3 uint8 image is 200 MB
+
+
 class ImageFolderSource(_Strict):
     """One sub-folder per class (or ``train/`` and ``test/`` folders of those); ``size`` resizes."""
 
@@ -63,8 +67,8 @@ class ImageFolderSource(_Strict):
     @field_validator("size")
     @classmethod
     def _positive(cls, v):
-        if v is not None and min(v) < 1:
-            raise ValueError("size must be two positive integers [H, W]")
+        if v is not None and not all(1 <= s <= _MAX_SIDE for s in v):
+            raise ValueError(f"size must be two integers [H, W] in [1, {_MAX_SIDE}] (got {list(v)})")
         return v
 
 
@@ -81,7 +85,7 @@ class PythonSource(_Strict):
 
     kind: Literal["python"]
     factory: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, JsonValue] = Field(default_factory=dict)  # plain values: a run records them as JSON
     classes: list[str] | None = None
 
 
@@ -108,9 +112,9 @@ class AugmentSpec(_Strict):
     """Batch-wise training augmentation: random crop with zero padding, horizontal flip, and a random
     translation by up to ±``jitter`` pixels (Hinton et al. 2015 jitter MNIST by up to 2 pixels)."""
 
-    crop_padding: int = Field(0, ge=0)
+    crop_padding: int = Field(0, ge=0, le=_MAX_SIDE)
     hflip: bool = False
-    jitter: int = Field(0, ge=0)
+    jitter: int = Field(0, ge=0, le=_MAX_SIDE)
 
     @property
     def active(self) -> bool:
@@ -125,10 +129,10 @@ class DataSpec(_Strict):
     val_fraction: float = Field(0.1, ge=0, le=0.9)
     normalize: Union[Literal["auto", "none"], NormalizeStats] = "auto"
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(512, ge=1)
-    limit_train: int | None = Field(None, ge=1)
-    limit_eval: int | None = Field(None, ge=1)
+    batch_size: int = Field(128, ge=1, le=1 << 20)
+    eval_batch_size: int = Field(512, ge=1, le=1 << 20)
+    limit_train: int | None = Field(None, ge=1, le=10**12)
+    limit_eval: int | None = Field(None, ge=1, le=10**12)
 
     @field_validator("source", mode="before")
     @classmethod
@@ -368,12 +372,15 @@ def load_data(spec: DataSpec, *, base_dir: Path, seed: int) -> DataBundle:
         names = [str(i) for i in range(num_classes)]
     if spec.augment.active and train.x.dim() != 4:
         raise DataError(f"data.augment: needs image data [N, C, H, W], but {what} has shape {list(train.x.shape)}")
+    if test is not None and len(test) == 0:
+        test = None
+    for split, part in (("training", train), ("test", test)):
+        _check_finite_inputs(part, split, what)
     n = len(train)
-    n_val = int(round(n * spec.val_fraction))
-    if spec.val_fraction > 0 and n_val == 0 and n > 1:
-        n_val = 1
+    n_val = max(1, round(n * spec.val_fraction)) if spec.val_fraction > 0 else 0
     if n - n_val < 1:
-        raise DataError(f"{what}: {n} training samples leave none after val_fraction {spec.val_fraction}")
+        raise DataError(f"data.val_fraction: {what} has {n} training samples; val_fraction {spec.val_fraction} "
+                        "leaves none for training")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
     if spec.limit_train is not None:
@@ -390,6 +397,18 @@ def load_data(spec: DataSpec, *, base_dir: Path, seed: int) -> DataBundle:
             f"{'no' if test is None else len(test)} test, {'x'.join(map(str, input_shape))}, {num_classes} classes")
     return DataBundle(train, val, test, num_classes, input_shape, mean, std, list(names), desc,
                       spec.augment, scale, spec.batch_size, spec.eval_batch_size)
+
+
+def _check_finite_inputs(data: TensorData | None, split: str, what: str) -> None:
+    """DataError naming the first sample whose inputs hold NaN or infinity (chunked: no whole-set
+    copy). Integer inputs (uint8 images) are finite by construction."""
+    if data is None or not data.x.is_floating_point():
+        return
+    for i in range(0, len(data), 4096):
+        bad = ~torch.isfinite(data.x[i:i + 4096].reshape(min(4096, len(data) - i), -1)).all(dim=1)
+        if bool(bad.any()):
+            raise DataError(f"{what}: {split} sample {i + int(bad.nonzero()[0])} has NaN or infinite inputs; "
+                            "clean the data (this is not a training problem)")
 
 
 def _check_labels(train: TensorData, test: TensorData | None, names, what: str) -> int:

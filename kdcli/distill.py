@@ -126,6 +126,18 @@ class Distiller(nn.Module):
         self._cache = cache if cache is not None else TeacherCache(int(n_samples), int(max_bytes))
         return self._cache
 
+    @torch.no_grad()
+    def fill_teacher_cache(self, batches) -> None:
+        """Compute the targets of every sample not cached yet from ``batches`` (``(x, y, idx)``, the
+        training split unaugmented, in a fixed order), so the cache does not depend on the order in
+        which training first meets the samples."""
+        if self._cache is None or bool(self._cache.filled.all()) or self._cache.disabled_reason:
+            return
+        for x, _, idx in batches:
+            self._cache.lookup(idx, x, self.teacher_targets)
+            if self._cache.disabled_reason or self._cache.store is None:
+                return
+
     @property
     def cache_note(self) -> str:
         """One line on the teacher cache: off, or its size, dtype and hit rate this epoch."""

@@ -6,6 +6,11 @@ budget, and how to export. Unknown keys, wrong types and impossible values are e
 the file, the line and the field path::
 
     recipes/bad.yaml:12: prune.steps: Input should be greater than or equal to 1 (got 0)
+    --set 'prune.steps=0': prune.steps: Input should be greater than or equal to 1 (got 0)
+
+Loading is safe YAML that also refuses a repeated key; numbers must be finite and within bounds;
+a model name must be a built-in or a ``module:factory`` / existing ``file.py:factory`` (nothing is
+imported to validate a recipe).
 
 Units: ``target.macs`` and ``target.params`` are fractions of the teacher's when <= 1, absolute
 counts when > 1; ``target.max_accuracy_drop`` is a fraction (0.01 = one percentage point).
@@ -14,30 +19,43 @@ counts when > 1; ``target.max_accuracy_drop`` is a fraction (0.01 = one percenta
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic_core import PydanticCustomError
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
-from kdcli.data import DataSpec
+from kdcli.data import DataSpec, PythonSource
 from kdcli.ensembles.spec import DiversifiedSpec, SpecialistsSpec
 from kdcli.errors import RecipeError
 from kdcli.losses.spec import DEFAULT_LOSSES, LossSpec
+from kdcli.models import BUILTIN, builtin_names  # a name list: kdcli.models imports no torch
 from kdcli.train import TrainSpec
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan=False: no recipe value means anything at inf or nan (`macs: 1e400` is inf)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+
+def field_error(field: str, msg: str) -> PydanticCustomError:
+    """An error about the sub-field ``field`` (dotted, relative to the value validated).
+
+    Validators of a whole section raise it so that the message names the exact key and line
+    (``target.macs``, not ``target``); :func:`parse_recipe` appends ``field`` to the error's location.
+    """
+    return PydanticCustomError("field_error", "{msg}", {"msg": msg, "field": field})
 
 
 class ModelRef(Strict):
     """A model by name (built-in, ``package.module:factory`` or ``file.py:factory``) and args."""
 
     model: str
-    model_args: dict[str, Any] = Field(default_factory=dict)
+    # JSON values: they are stored in the model file (.kdc), and YAML's dates, sets and bytes are not
+    model_args: dict[str, JsonValue] = Field(default_factory=dict)
 
 
 class TeacherSpec(ModelRef):
@@ -65,7 +83,7 @@ class StudentSpec(Strict):
 
     from_: Literal["pruned-teacher"] | None = Field("pruned-teacher", alias="from")
     model: str | None = None
-    model_args: dict[str, Any] = Field(default_factory=dict)
+    model_args: dict[str, JsonValue] = Field(default_factory=dict)
     prune: bool | None = None
 
     @model_validator(mode="after")
@@ -89,8 +107,8 @@ class TeacherTrainingSpec(Strict):
 
     epochs: int = Field(1, ge=1, le=1000)
     lr: float = Field(0.005, gt=0, le=10)
-    kd_weight: float = Field(0.5, ge=0)
-    temperature: float = Field(4.0, gt=0)
+    kd_weight: float = Field(0.5, ge=0, le=1e4)
+    temperature: float = Field(4.0, gt=0, le=1000)
 
 
 class DistillSpec(Strict):
@@ -114,26 +132,27 @@ class PruneSpec(Strict):
     max_retries: int = Field(2, ge=0, le=10)
     # a step may cost step_tolerance x target.max_accuracy_drop before later distillation recovers it
     step_tolerance: float = Field(2.0, ge=1, le=100)
-    round_to: int | None = Field(None, ge=1)
+    round_to: int | None = Field(None, ge=1, le=1024)
     ignored_layers: list[str] = Field(default_factory=list)
     ratios_from: str | None = None  # analysis.json whose suggested ratios seed the first step
-    score_batches: int = Field(4, ge=1)
-    final_epochs: int = Field(0, ge=0)
+    score_batches: int = Field(4, ge=1, le=10_000)
+    final_epochs: int = Field(0, ge=0, le=10_000)
 
 
 class TargetSpec(Strict):
-    macs: float | None = Field(None, gt=0)
-    params: float | None = Field(None, gt=0)
-    latency_ms: float | None = Field(None, gt=0)
+    # absolute counts up to 1e18 (an exa-MAC): beyond that a count is a typo, not a model
+    macs: float | None = Field(None, gt=0, le=1e18)
+    params: float | None = Field(None, gt=0, le=1e18)
+    latency_ms: float | None = Field(None, gt=0, le=1e7)
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)
 
-    @model_validator(mode="after")
-    def _fractions(self) -> "TargetSpec":
-        for name in ("macs", "params"):
-            v = getattr(self, name)
-            if v is not None and v > 1 and v != int(v):
-                raise ValueError(f"{name}: a fraction must be <= 1, an absolute count a whole number; got {v}")
-        return self
+    # A field validator, not a model validator: its errors then name target.macs, not target.
+    @field_validator("macs", "params")
+    @classmethod
+    def _fraction_or_count(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError(f"a fraction must be <= 1, an absolute count a whole number (got {v})")
+        return v
 
 
 class ExportSpec(Strict):
@@ -141,20 +160,20 @@ class ExportSpec(Strict):
     opset: int = Field(18, ge=18, le=23)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
     fail_if: list[str] = Field(default_factory=list)
-    latency_budget_s: float = Field(2.0, gt=0)
+    latency_budget_s: float = Field(2.0, gt=0, le=3600)
 
     @field_validator("batch_sizes")
     @classmethod
     def _positive(cls, v):
-        if not v or any(b < 1 for b in v):
-            raise ValueError("batch sizes must be a non-empty list of positive integers")
+        if not v or any(not 1 <= b <= 65536 for b in v):
+            raise ValueError(f"batch sizes must be a non-empty list of integers in [1, 65536] (got {_short(v)})")
         return v
 
 
 class AnalyzeSpec(Strict):
     ratios: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     target_macs: float = Field(0.5, gt=0, le=1)
-    eval_samples: int = Field(1000, ge=1)
+    eval_samples: int = Field(1000, ge=1, le=10_000_000)
     critical_fraction: float = Field(0.1, gt=0, lt=1)
 
     @field_validator("ratios")
@@ -166,7 +185,7 @@ class AnalyzeSpec(Strict):
 
 
 class Recipe(Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # the range every seeded library accepts (numpy's)
     device: str = "auto"
     out_dir: str | None = None
     data: DataSpec = Field(default_factory=DataSpec)
@@ -184,14 +203,43 @@ class Recipe(Strict):
         check_device_string(v)
         return v
 
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: DataSpec, info: ValidationInfo) -> DataSpec:
+        # Training and compression evaluate on the validation split: with none, they would stop
+        # at the first evaluation ("evaluation data is empty") after loading all the data.
+        if v.val_fraction == 0:
+            raise field_error("val_fraction", "must be > 0: training and compression evaluate on the "
+                                              "validation split held out of the training data (got 0)")
+        if isinstance(v.source, PythonSource):
+            _check_factory(v.source.factory, info, "source.factory")
+        return v
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_models(cls, v, info: ValidationInfo):
+        if isinstance(v, SpecialistsSpec):
+            if v.generalist.model is not None:
+                _check_factory(v.generalist.model, info, "generalist.model")
+        else:
+            _check_factory(v.model, info, "model")
+        return v
+
+    @field_validator("student")
+    @classmethod
+    def _student_model(cls, v: StudentSpec, info: ValidationInfo) -> StudentSpec:
+        if v.model is not None:
+            _check_factory(v.model, info, "model")
+        return v
+
     @model_validator(mode="after")
     def _ensemble_student(self) -> "Recipe":
         if isinstance(self.teacher, (SpecialistsSpec, DiversifiedSpec)) and self.student.model is None:
-            raise PydanticCustomError("ensemble_student", "student.model: an ensemble teacher cannot be pruned "
-                                      "into the student; declare the student's architecture (student: {model: ...})")
+            raise field_error("student.model", "an ensemble teacher cannot be pruned into the student; "
+                                               "declare the student's architecture (student: {model: ...})")
         if isinstance(self.teacher, (SpecialistsSpec, DiversifiedSpec)) and self.distill.train_teacher is not None:
-            raise PydanticCustomError("ensemble_training", "distill.train_teacher: an ensemble teacher is not "
-                                      "fine-tuned between steps; remove train_teacher or use a single teacher")
+            raise field_error("distill.train_teacher", "an ensemble teacher is not fine-tuned between steps; "
+                                                       "remove train_teacher or use a single teacher")
         return self
 
     # Set by load_recipe: where relative paths resolve, and what the file said.
@@ -225,10 +273,151 @@ class Recipe(Strict):
 
 
 def check_device_string(v: str) -> None:
-    import re
-
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+    # at most 4 digits: torch.device() fails on an index beyond 64 bits before kdcli can explain
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", v):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+
+
+_FACTORY = re.compile(r"(?P<target>.+):(?P<attr>[A-Za-z_]\w*)")
+
+
+def _check_factory(spec: str, info: ValidationInfo, field: str) -> None:
+    """Check a model name (a built-in, ``pkg.mod:factory`` or ``path/to/file.py:factory``) or,
+    for ``field`` ``source.factory``, a data factory (no built-ins), without importing anything:
+    validating a recipe runs no user code. A ``.py`` file must exist, relative to the recipe's
+    folder (``base_dir`` in the validation context; without one the file is not looked for)."""
+    is_model = field != "source.factory"
+    if is_model and spec in BUILTIN:
+        return
+    if is_model and ":" not in spec:
+        raise field_error(field, f"unknown model {spec!r}; built-ins: {', '.join(builtin_names())} "
+                                 "(or pkg.mod:factory, path/to/file.py:factory)")
+    m = _FACTORY.fullmatch(spec)
+    if m is None:
+        raise field_error(field, f"expected 'pkg.mod:factory' or 'path/to/file.py:factory' (got {spec!r})")
+    target = m["target"]
+    if not target.endswith(".py"):
+        if not all(part.isidentifier() for part in target.split(".")):
+            raise field_error(field, f"expected 'pkg.mod:factory' or 'path/to/file.py:factory'; {target!r} is "
+                                     f"neither a module path nor a .py file (got {spec!r})")
+        return
+    base_dir = (info.context or {}).get("base_dir")
+    if base_dir is None:
+        return
+    try:
+        path = Path(target).expanduser()
+        path = path if path.is_absolute() else Path(base_dir) / path
+        found = path.is_file()
+    except (OSError, ValueError, RuntimeError):  # a name too long, a NUL byte, ~nosuchuser
+        path, found = Path(target), False
+    if not found:
+        raise field_error(field, f"file {str(path)!r} not found (got {spec!r}; a relative path starts "
+                                 "at the recipe's folder)")
+
+
+# ----------------------------------------------------------------------------- YAML loading
+
+_MAX_DEPTH = 64  # a recipe nests 5 levels; far deeper is a mistake (or an attack on the parser)
+_MAX_NODES = 100_000  # values after expanding aliases: refuses a "billion laughs" document
+
+
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping repeats a key (PyYAML would keep the last silently); ``path`` is its key path."""
+
+    def __init__(self, path: tuple, mark):
+        super().__init__(problem="duplicate key", problem_mark=mark)
+        self.path = path
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe loading (Python tags such as ``!!python/object/apply`` stay refused), where a
+    constructor's plain exception (``2001-13-45`` is no date, ``!!float abc`` no float) becomes a
+    YAML error that carries the value's line."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, AttributeError, OverflowError, IndexError, KeyError) as exc:
+            what = node.tag.rsplit(":", 1)[-1]
+            value = f" {_short(node.value)}" if isinstance(node, yaml.ScalarNode) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {what}{value}: {exc}", node.start_mark) from None
+
+
+def _check_tree(loader: _RecipeLoader, root: yaml.Node) -> None:
+    """Refuse duplicate keys, an alias inside the value it names, nesting deeper than _MAX_DEPTH
+    and more than _MAX_NODES values once aliases are expanded. Raises yaml.MarkedYAMLError."""
+    count = 0
+
+    def walk(node: yaml.Node, path: tuple, stack: tuple) -> None:
+        nonlocal count
+        count += 1
+        if count > _MAX_NODES:
+            raise yaml.MarkedYAMLError(problem=f"more than {_MAX_NODES} values once aliases are expanded",
+                                       problem_mark=node.start_mark)
+        if id(node) in stack:
+            raise yaml.MarkedYAMLError(problem="an alias inside the value it names", problem_mark=node.start_mark)
+        if len(stack) > _MAX_DEPTH:
+            raise yaml.MarkedYAMLError(problem=f"nested more than {_MAX_DEPTH} levels deep",
+                                       problem_mark=node.start_mark)
+        inner = stack + (id(node),)
+        if isinstance(node, yaml.MappingNode):
+            keys: dict = {}
+            for k, v in node.value:
+                if k.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                    walk(v, path, inner)
+                    continue
+                key = loader.construct_object(k, deep=True)
+                try:
+                    first = keys.setdefault(key, k)
+                except TypeError:  # an unhashable key: construction reports it
+                    first = k
+                step = key if isinstance(key, str) else _MapKey(key)
+                if first is not k:
+                    raise DuplicateKeyError(path + (step,), k.start_mark)
+                walk(v, path + (step,), inner)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,), inner)
+
+    walk(root, (), ())
+
+
+def load_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """The node tree (for line numbers) and the value of one YAML document, safely loaded with
+    the checks of :func:`_check_tree`. Raises yaml.YAMLError (:class:`DuplicateKeyError` for a
+    repeated key)."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _check_tree(loader, node)
+        return node, loader.construct_document(node)
+    except RecursionError:  # the parser recurses per level: thousands of `[` exhaust the stack
+        raise yaml.YAMLError(f"nested more than {_MAX_DEPTH} levels deep") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_message(exc: yaml.YAMLError, source: str, text: str) -> str:
+    """``SOURCE:LINE: KEY: duplicate key`` or ``SOURCE:LINE: not valid YAML (problem)``."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        where = f"{source}:{mark.line + 1}"
+    elif isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow: its position
+        where = f"{source}:{text.count(chr(10), 0, exc.position) + 1}"
+    else:
+        where = source
+    if isinstance(exc, DuplicateKeyError):
+        return f"{where}: {_format_loc(exc.path)}: duplicate key"
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"{where}: not valid YAML ({problem})"
+
+
+# ----------------------------------------------------------------------------- error messages
 
 
 def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
@@ -236,13 +425,14 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     line = node.start_mark.line + 1 if node is not None else None
     for key in loc:
         if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if k.value == key:
+            # the last match: a key after a `<<` merge overrides the merged one
+            for k, v in reversed(node.value):
+                if isinstance(k, yaml.ScalarNode) and k.value == str(key):
                     line, node = k.start_mark.line + 1, v
                     break
             else:
                 return line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
             node = node.value[key]
             line = node.start_mark.line + 1
         else:
@@ -250,19 +440,58 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z_][\w-]*")
+
+
+class _MapKey:
+    """A mapping key that is not a string (``1: x``), in a key path: printed as itself, where an
+    int would print as a list index."""
+
+    def __init__(self, key: Any):
+        self.key = key
+
+    def __repr__(self) -> str:
+        return repr(self.key)
+
+    def __str__(self) -> str:
+        return str(self.key)
+
+
 def _format_loc(loc: tuple) -> str:
+    """``distill.losses[1].temperature``; a key that is not a plain name is quoted (``'a b'``),
+    so that a key with a newline in it cannot break the one-line message."""
     out = ""
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            text = part if isinstance(part, str) and _PLAIN_KEY.fullmatch(part) else repr(part)
+            out += ("." if out else "") + text
     return out
 
 
-def _clean_loc(loc: tuple) -> tuple:
-    # pydantic puts the union tag / validator names into loc (e.g. 'kd', 'function-after[...]').
-    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in _TAGS)))
+def _clean_loc(loc: tuple, obj: Any) -> tuple:
+    """The key path of a pydantic error location, without pydantic's own labels.
+
+    pydantic puts union tags and validator or class names into ``loc`` (``kd``,
+    ``function-after[...]``, ``NormalizeStats``). Walking the input tells them apart from keys: a
+    key is in the input, and only the last part (a missing key) may be absent from it."""
+    out: list = []
+    cur = obj
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(cur, dict) and part in cur:
+            out.append(part if isinstance(part, str) else _MapKey(part))
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(part, str) and ("[" in part or part in _TAGS or not last):
+            continue
+        else:
+            out.append(part)
+            cur = None
+    return tuple(out)
 
 
 _TAGS = {"kd", "ce", "dkd", "hint", "at", "fsp", "ab", "vid", "str", "int", "float", "bool",
@@ -271,68 +500,137 @@ _TAGS = {"kd", "ce", "dkd", "hint", "at", "fsp", "ab", "vid", "str", "int", "flo
          "single-model", "specialists", "diversified"}
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _override_for(loc: tuple, missing: bool, sets: list[tuple[str, tuple[str, ...]]]) -> str | None:
+    """The last ``--set`` that wrote the value at ``loc``, inside it or around it (for a missing
+    key: that wrote into its mapping); None when the error is the file's own."""
+    path = tuple(str(p) for p in (loc[:-1] if missing else loc))
+    for item, parts in reversed(sets):
+        n = min(len(path), len(parts))
+        if n and path[:n] == parts[:n]:
+            return item
+    return None
+
+
+def _error_loc(err: dict, obj: Any) -> tuple:
+    loc = _clean_loc(tuple(err["loc"]), obj)
+    if err["type"] == "field_error":  # raised for a sub-field: see field_error()
+        loc += tuple(err["ctx"]["field"].split("."))
+    return loc
+
+
+def _explain(exc: ValidationError, obj: dict, node: yaml.Node | None, source: str,
+             sets: list[tuple[str, tuple[str, ...]]]) -> str:
+    """One line for the first error: ``SOURCE:LINE: field.path: what was expected (got X)``, or
+    ``--set 'K=V': field.path: ...`` when a ``--set`` wrote the value."""
+    errors = exc.errors()
+    located = [(_error_loc(e, obj), e) for e in errors]
+    loc, err = located[0]
+    # A union reports every member's error: `normalize: {std: [.nan]}` fails as 'auto' | 'none' and
+    # as {mean, std}; a later error deeper under the first one's key is the specific one.
+    for deeper, e in located[1:]:
+        if len(deeper) > len(loc) and deeper[:len(loc)] == loc:
+            loc, err = deeper, e
+    field = _format_loc(loc) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required field missing"
+    elif err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    elif err["type"] == "invalid-json-value":  # a YAML date, set or !!binary in model_args
+        msg = "expected a string, number, true/false, null, list or mapping"
+    got = err.get("input")
+    # value and field errors come from our validators, which quote the value themselves
+    suffix = (f" (got {_short(got)})" if err["type"] not in ("extra_forbidden", "missing", "value_error", "field_error")
+              and not isinstance(got, dict | list) else "")
+    more = f" [and {len(errors) - 1} more]" if len(errors) > 1 else ""
+    item = _override_for(loc, err["type"] == "missing", sets)
+    if item is not None:
+        where = f"--set {item!r}"
+    else:
+        line = _line_of(node, loc)
+        where = f"{source}:{line}" if line else source
+    return " ".join(f"{where}: {field}: {msg}{suffix}{more}".splitlines())
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _override_parts(item: str) -> tuple[str, tuple[str, ...], str]:
+    """``(key, key path, raw value)`` of a ``--set``; ``losses[0]`` in the key is ``losses.0``."""
+    key, sep, raw = item.partition("=")
+    parts = tuple(re.sub(r"\[(\d+)\]", r".\1", key.strip()).split("."))
+    if not sep or not all(p.strip() for p in parts):
+        raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. prune.steps=2")
+    return key, parts, raw
+
+
+def _slot(cur: dict | list, part: str, item: str, where: tuple[str, ...]) -> str | int:
+    """The key of ``part`` in a mapping, or its index in a list (``distill.losses.0``)."""
+    if not isinstance(cur, list):
+        return part
+    if not part.isdigit() or int(part) >= len(cur):
+        raise RecipeError(f"--set {item!r}: {'.'.join(where)} is a list of {len(cur)}; expected an index "
+                          f"from 0 to {len(cur) - 1} (got {part!r})")
+    return int(part)
+
+
 def apply_overrides(obj: dict, overrides: list[str] | tuple[str, ...], source: str) -> dict:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to a recipe mapping."""
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a recipe mapping; a list
+    item is addressed by its index (``distill.losses.0.weight`` or ``distill.losses[0].weight``)."""
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. prune.steps=2")
+        _, parts, raw = _override_parts(item)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw)[1] if raw.strip() else None
+        except DuplicateKeyError as exc:
+            raise RecipeError(f"--set {item!r}: {_format_loc(parts + exc.path)}: duplicate key") from None
         except yaml.YAMLError:
-            value = raw
-        parts = key.strip().split(".")
+            value = raw  # not YAML (`@home`, `a: b: c`): the text itself, as a string
         cur = obj
-        for part in parts[:-1]:
-            nxt = cur.get(part)
+        for i, part in enumerate(parts[:-1]):
+            slot = _slot(cur, part, item, parts[:i])
+            nxt = cur[slot] if isinstance(cur, list) else cur.get(slot)
             if nxt is None:
-                nxt = cur[part] = {}
+                nxt = {}
             elif isinstance(nxt, str) and part == "source":
-                nxt = cur[part] = {"kind": nxt}
-            if not isinstance(nxt, dict):
-                raise RecipeError(f"--set {item!r}: {source}: {'.'.join(parts[:-1])} is not a mapping")
+                nxt = {"kind": nxt}
+            if not isinstance(nxt, dict | list):
+                raise RecipeError(f"--set {item!r}: {source}: {'.'.join(parts[:i + 1])} is not a mapping or a list")
+            # a copy: a YAML alias shares the value with another key, which must not change too
+            cur[slot] = nxt = type(nxt)(nxt)
             cur = nxt
-        cur[parts[-1]] = value
+        cur[_slot(cur, parts[-1], item, parts[:-1])] = value
     return obj
 
 
 def parse_recipe(text: str, source: str = "<recipe>", path: Path | None = None,
                  overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Parse and validate recipe YAML; raise RecipeError naming source, line and field."""
+    """Parse and validate recipe YAML; raise RecipeError naming source, line and field (or the
+    ``--set`` that gave the bad value)."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        obj = yaml.safe_load(text)
+        node, obj = load_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{where}: not valid YAML ({problem})") from None
+        raise RecipeError(_yaml_message(exc, source, text)) from None
     if obj is None:
         obj = {}
     if not isinstance(obj, dict):
         raise RecipeError(f"{source}:1: a recipe must be a mapping of keys (seed, data, teacher, ...), got {type(obj).__name__}")
     obj = apply_overrides(obj, overrides, source)
+    sets = [(item, _override_parts(item)[1]) for item in overrides]
+    base_dir = Path(path).parent if path is not None else Path.cwd()
     try:
-        recipe = Recipe.model_validate(obj)
+        recipe = Recipe.model_validate(obj, context={"base_dir": base_dir})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = _clean_loc(tuple(err["loc"]))
-        line = _line_of(node, loc)
-        where = f"{source}:{line}" if line else source
-        field = _format_loc(loc) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required field missing"
-        got = err.get("input")
-        # value_error messages come from our validators, which quote the value themselves
-        suffix = (f" (got {got!r})" if err["type"] not in ("extra_forbidden", "missing", "value_error")
-                  and not isinstance(got, dict | list) else "")
-        more = f" [and {len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
-        raise RecipeError(f"{where}: {field}: {msg}{suffix}{more}") from None
+        raise RecipeError(_explain(exc, obj, node, source, sets)) from None
     recipe._path = path
-    recipe._sha256 = hashlib.sha256((text + "\n".join(overrides)).encode()).hexdigest()
+    # surrogatepass: a --set from a non-UTF-8 command line still hashes
+    recipe._sha256 = hashlib.sha256((text + "\n".join(overrides)).encode("utf-8", "surrogatepass")).hexdigest()
     return recipe
 
 
@@ -343,7 +641,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
-    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # a folder, no permission, a NUL in the name
         raise RecipeError(f"{path}: cannot read recipe ({type(exc).__name__})") from None
     return parse_recipe(text, str(path), path, overrides)
 

@@ -8,7 +8,6 @@ the run directory as ``teacher.kdc`` so that a resumed run does not train it aga
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -52,12 +51,14 @@ def export_info(info: ModelInfo, data: DataBundle | None = None) -> dict:
 
 
 def save_model(path: Path, model: nn.Module, info: ModelInfo) -> None:
-    """Write a kdcli model file (rank 0 only)."""
+    """Write a kdcli model file (rank 0 only); the same model and info give the same bytes."""
     from kdcli.checkpoint import save_model_file
 
     if not is_main_process():
         return
-    meta = {"kdcli_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info.metadata}
+    # No wall-clock time: a model file is a function of its inputs, so a resumed run writes the
+    # same bytes as an uninterrupted one (run.json records when a run started).
+    meta = {"kdcli_version": __version__, **info.metadata}
     save_model_file(path, model, name=info.name, args=info.args, input_shape=list(info.input_shape),
                     num_classes=info.num_classes, pruning_history=info.pruning_history, metadata=meta)
 

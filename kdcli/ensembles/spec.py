@@ -31,15 +31,16 @@ Diversified (the adaptive-granularity design)::
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from kdcli.train import TrainSpec
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan=False: no ensemble setting means anything at inf or nan
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 def _train(**kw):
@@ -51,7 +52,7 @@ class GeneralistSpec(_Strict):
     checkpoint read with ``model``/``model_args``), or trained now from ``model`` with ``train``."""
 
     model: str | None = None
-    model_args: dict[str, Any] = Field(default_factory=dict)
+    model_args: dict[str, JsonValue] = Field(default_factory=dict)  # stored in the model file as JSON
     checkpoint: str | None = None
     train: TrainSpec = Field(default_factory=_train(epochs=20))
 
@@ -69,12 +70,12 @@ class SpecialistsSpec(_Strict):
     ensemble: Literal["specialists"]
     generalist: GeneralistSpec
     num_specialists: int = Field(2, ge=1, le=1000)
-    subset_size: int | None = Field(None, ge=2)
-    top_n: int = Field(1, ge=1)
+    subset_size: int | None = Field(None, ge=2, le=100_000)
+    top_n: int = Field(1, ge=1, le=100_000)
     train: TrainSpec = Field(default_factory=_train(epochs=5, lr=0.02))
     inference_steps: int = Field(50, ge=0, le=10_000)
     inference_lr: float = Field(1.0, gt=0, le=100)
-    cluster_samples: int = Field(10_000, ge=10)  # transfer-set samples that estimate the covariance
+    cluster_samples: int = Field(10_000, ge=10, le=100_000_000)  # transfer-set samples that estimate the covariance
     cluster_on: Literal["correlation", "covariance"] = "correlation"  # see kdcli.ensembles.clusters
 
     @field_validator("generalist", mode="before")
@@ -90,13 +91,13 @@ class DiversifiedSpec(_Strict):
     ensemble: Literal["diversified"]
     members: int = Field(3, ge=2, le=100)
     model: str
-    model_args: dict[str, Any] = Field(default_factory=dict)
+    model_args: dict[str, JsonValue] = Field(default_factory=dict)  # stored in the model file as JSON
     train: TrainSpec = Field(default_factory=_train(epochs=10))
-    diversity_weight: float = Field(1.0, ge=0)
+    diversity_weight: float = Field(1.0, ge=0, le=1e4)
     layers: Union[Literal["auto"], list[str]] = "auto"
     granularity: str | None = None  # a granularity.json; null: computed from each predecessor
     critical_fraction: float = Field(0.25, gt=0, lt=1)
-    sensitivity_samples: int = Field(1024, ge=16)
+    sensitivity_samples: int = Field(1024, ge=16, le=10_000_000)
 
     @field_validator("layers")
     @classmethod

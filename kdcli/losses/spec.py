@@ -23,15 +23,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 LayerSelection = Union[Literal["auto"], list[str]]
 
 
 class _Term(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan=False: an inf or nan weight or temperature makes every loss nan
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0, le=1e6)
 
 
 class _FeatureTerm(_Term):
@@ -56,7 +57,7 @@ class KD(_Term):
     """Hinton et al. 2015: T² · KL(softmax(t/T) || softmax(s/T))."""
 
     kind: Literal["kd"] = "kd"
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0, le=1000)
 
 
 class CE(_Term):
@@ -70,9 +71,9 @@ class DKD(_Term):
     """Zhao et al. 2022 (decoupled KD): α·TCKD + β·NCKD, each scaled by T²."""
 
     kind: Literal["dkd"] = "dkd"
-    alpha: float = Field(1.0, ge=0)
-    beta: float = Field(8.0, ge=0)
-    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(1.0, ge=0, le=1e4)
+    beta: float = Field(8.0, ge=0, le=1e4)
+    temperature: float = Field(4.0, gt=0, le=1000)
 
 
 class Hint(_FeatureTerm):
@@ -89,7 +90,7 @@ class AT(_FeatureTerm):
     """Zagoruyko & Komodakis 2017: attention transfer with p-th power spatial attention maps."""
 
     kind: Literal["at"] = "at"
-    p: float = Field(2.0, gt=0)
+    p: float = Field(2.0, gt=0, le=16)  # |a|^p of activations overflows float32 far beyond
 
 
 class FSP(_FeatureTerm):
@@ -102,7 +103,7 @@ class AB(_FeatureTerm):
     """Heo et al. 2019: activation-boundary margin loss on pre-activation features."""
 
     kind: Literal["ab"] = "ab"
-    margin: float = Field(1.0, ge=0)
+    margin: float = Field(1.0, ge=0, le=1e4)
 
 
 class VID(_FeatureTerm):
@@ -111,15 +112,17 @@ class VID(_FeatureTerm):
     kind: Literal["vid"] = "vid"
     pairing: Literal["pairwise", "all-to-all"] = "pairwise"
     lambda_: Literal["uniform", "learned"] = Field("uniform", alias="lambda")
-    init_var: float = Field(5.0, gt=0)
-    eps: float = Field(1e-5, gt=0)
+    init_var: float = Field(5.0, gt=0, le=1e6)
+    eps: float = Field(1e-5, gt=0, le=1)
     granularity: bool = False
 
-    @model_validator(mode="after")
-    def _learned_needs_all(self) -> "VID":
-        if self.lambda_ == "learned" and self.pairing != "all-to-all":
-            raise ValueError("lambda: learned needs pairing: all-to-all (pairwise pairing fixes λ)")
-        return self
+    # A field validator (pairing is validated first): the error then names distill.losses[i].lambda.
+    @field_validator("lambda_")
+    @classmethod
+    def _learned_needs_all(cls, v: str, info: ValidationInfo) -> str:
+        if v == "learned" and info.data.get("pairing", "all-to-all") != "all-to-all":
+            raise ValueError("learned needs pairing: all-to-all (pairwise pairing fixes λ)")
+        return v
 
 
 LossSpec = Annotated[Union[KD, CE, DKD, Hint, AT, FSP, AB, VID], Field(discriminator="kind")]

@@ -1,0 +1,5 @@
+"""``python -m kdcli``: the command line, as under ``torchrun -m kdcli``."""
+
+from kdcli.cli import main
+
+main()
