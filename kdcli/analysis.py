@@ -50,6 +50,7 @@ from torch import nn
 
 from kdcli.console import Reporter
 from kdcli.errors import DataError, InputError, ModelError
+from kdcli.teacher import check_model_fits
 from kdcli.train import eval_mode
 
 SCHEMA_VERSION = 1
@@ -133,26 +134,6 @@ def layer_table(model: nn.Module, example: torch.Tensor) -> tuple[list[dict], in
 
 
 # ----------------------------------------------------------------------------- the analysis
-
-
-def _check_fit(model: nn.Module, info, data, example: torch.Tensor) -> None:
-    """The model, its declared input shape and the data agree; one-line errors otherwise."""
-    if data is not None and tuple(data.input_shape) != tuple(info.input_shape):
-        raise DataError(f"data ({data.description}): inputs of shape {list(data.input_shape)}, but model "
-                        f"{info.name} expects {list(info.input_shape)}")
-    if data is not None and data.num_classes != info.num_classes:
-        raise DataError(f"data ({data.description}): {data.num_classes} classes, but model {info.name} "
-                        f"has {info.num_classes} outputs")
-    try:
-        with eval_mode(model), torch.no_grad():
-            out = model(example)
-    except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported in one line
-        text = " ".join(str(exc).split())[:200]
-        raise ModelError(f"model {info.name}: forward pass on input shape {list(info.input_shape)} failed "
-                         f"({type(exc).__name__}: {text})") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != info.num_classes:
-        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"model {info.name}: output {shape}, expected logits [N, {info.num_classes}]")
 
 
 def _eval_split(data) -> str:
@@ -262,7 +243,7 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     example = torch.zeros(1, *info.input_shape, device=device)
-    _check_fit(model, info, data, example)
+    check_model_fits(model, info, data, example)
 
     layers, total_macs, total_params = layer_table(model, example)
     pruner = StructuredPruner(model, example, importance="magnitude")

@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from kdcli import __version__
-from kdcli.errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, GateError, InputError, KdcliError
+from kdcli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNEXPECTED, GateError, InputError, KdcliError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Compress trained PyTorch models: knowledge distillation and structured pruning, "
@@ -67,6 +67,14 @@ def _command(fn: Callable) -> Callable:
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            # The file-system errors a path the user gave can cause: named, exit 2. (Ours are
+            # raised as InputError with more to say; these are the ones a library raised.)
+            if debug:
+                raise
+            where = exc.filename or "a path given"
+            typer.echo(f"error: {where}: {exc.strerror or type(exc).__name__}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             hint = getattr(wrapper, "_resume_hint", None)
             typer.echo("interrupted" + (f"; continue with: {hint}" if hint else ""), err=True)
@@ -82,9 +90,10 @@ def _command(fn: Callable) -> Callable:
 
 
 def _reporter(json_out: bool):
+    """Progress on stderr, with or without ``--json`` (whose result alone goes to stdout)."""
     from kdcli.console import Reporter
 
-    return Reporter(quiet=json_out)
+    return Reporter(quiet=False)
 
 
 def _emit_json(obj: Any) -> None:
@@ -141,10 +150,12 @@ def recipe_validate(file: Path = typer.Argument(..., help="Recipe YAML file."),
 def recipe_show(name: str = typer.Argument("quickstart", help="A built-in recipe name."),
                 debug: bool = DEBUG) -> None:
     """Print a built-in recipe (a starting point to copy and edit)."""
+    import re
+
     from kdcli.recipe import builtin_recipe_path
 
     path = builtin_recipe_path(name)
-    if not path.is_file():
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path.is_file():  # a name, never a path
         raise InputError(f"no built-in recipe {name!r}; try quickstart")
     typer.echo(path.read_text(), nl=False)
 
@@ -251,7 +262,7 @@ def _split_ints(text: str, what: str) -> list[int]:
 MODEL = typer.Option(None, "--model", help="Model spec for a plain checkpoint: built-in name, pkg.mod:factory or file.py:factory.")
 MODEL_ARGS = typer.Option(None, "--model-args", help="JSON keyword arguments of --model.")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Input shape of a plain checkpoint's model without batch, e.g. 3,32,32 (else from --recipe).")
-NUM_CLASSES = typer.Option(None, "--num-classes", help="Number of classes of a plain checkpoint's model (else from --recipe).")
+NUM_CLASSES = typer.Option(None, "--num-classes", min=1, max=1_000_000, help="Number of classes of a plain checkpoint's model (else from --recipe).")
 
 
 def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional[str], data, trust: bool,
@@ -276,7 +287,14 @@ def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional
     input_shape = data.input_shape if data is not None else None
     num_classes = data.num_classes if data is not None else None
     if input_shape_flag:
+        import math
+
+        from kdcli.checkpoint import MAX_INPUT_DIMS, MAX_INPUT_ELEMENTS
+
         input_shape = tuple(_split_ints(input_shape_flag, "--input-shape"))
+        if len(input_shape) > MAX_INPUT_DIMS or math.prod(input_shape) > MAX_INPUT_ELEMENTS:
+            raise InputError(f"--input-shape: at most {MAX_INPUT_DIMS} sizes and {MAX_INPUT_ELEMENTS} elements in all, "
+                             f"got {input_shape_flag!r}")
     if num_classes_flag is not None:
         num_classes = num_classes_flag
     if not is_model_file(path):
@@ -291,9 +309,16 @@ def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional
     # --model names a model on the command line: relative to here; the recipe's, to its folder.
     base = Path.cwd() if model is not None or rec is None else rec.base_dir
     allow = (recipe_models(rec) if rec is not None else []) + ([absolute_spec(model, base)] if model else [])
-    return load_model_any(path, spec_name=name, spec_args=args if (model_args or model is None) else None,
-                          input_shape=input_shape, num_classes=num_classes, base_dir=base, trust=trust,
-                          allow=allow, override=model is not None)
+    loaded, info = load_model_any(path, spec_name=name, spec_args=args if (model_args or model is None) else None,
+                                  input_shape=input_shape, num_classes=num_classes, base_dir=base, trust=trust,
+                                  allow=allow, override=model is not None)
+    if data is not None:  # before any long work: the data must fit the model
+        import torch
+
+        from kdcli.teacher import check_model_fits
+
+        check_model_fits(loaded, info, data, torch.zeros(1, *info.input_shape))
+    return loaded, info
 
 
 @app.command()
@@ -304,7 +329,7 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
            model: Optional[str] = MODEL, model_args: Optional[str] = MODEL_ARGS,
            out: Path = typer.Option(Path("export"), "--out", help="Output directory for the .onnx files and reports."),
            batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes to time (default 1,64)."),
-           opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 18)."),
+           opset: Optional[int] = typer.Option(None, "--opset", min=18, max=23, help="ONNX opset, 18 to 23 (default 18)."),
            fail_if: Optional[List[str]] = typer.Option(None, "--fail-if", help="A CI gate, e.g. \"accuracy_drop > 0.5\" or \"speedup < 2\"; exit 3 when true. Repeatable."),
            input_shape: Optional[str] = INPUT_SHAPE, num_classes: Optional[int] = NUM_CLASSES, trust: bool = TRUST, json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Export to ONNX, verify against PyTorch in onnxruntime, and report latency and accuracy."""
@@ -368,7 +393,7 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
             data_flag: Optional[str] = typer.Option(None, "--data", help="Data for the data-driven figures: digits, or KIND:PATH (idx:DIR, cifar10-bin:DIR, tensors:FILE, image-folder:DIR)."),
             model: Optional[str] = MODEL, model_args: Optional[str] = MODEL_ARGS,
             out: Optional[Path] = typer.Option(None, "--out", help="Write analysis.json, sensitivity.csv, granularity.json and report.html here."),
-            target_macs: Optional[float] = typer.Option(None, "--target-macs", help="MACs fraction for the suggested per-group ratios (default 0.5)."),
+            target_macs: Optional[float] = typer.Option(None, "--target-macs", min=0.01, max=1.0, help="MACs fraction (0.01 to 1) for the suggested per-group ratios (default 0.5)."),
             details: bool = typer.Option(False, "--details", help="Print the per-layer and per-group tables, not only the summary."),
             clusters: Optional[int] = typer.Option(None, "--clusters", metavar="K",
                                                    help="Group the classes into K confusable subsets (Hinton et al. 2015 "
@@ -378,6 +403,7 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
             json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """What matters in the model: MACs and parameters per layer, importance, activation sensitivity, pruning sensitivity."""
     from kdcli.analysis import analyze as run_analyze
+    from kdcli.errors import ModelError
     from kdcli.analysis_report import render_terminal
     from kdcli.recipe import load_recipe
 
@@ -391,8 +417,11 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
     dev = _device(device, rec, threads)
     mdl, info = _load_for_export(checkpoint, rec, model, model_args, data, trust, input_shape, num_classes)
     settings = rec.analyze if rec is not None else None
-    result = run_analyze(mdl.to(dev), info, data, device=dev, settings=settings, target_macs=target_macs,
-                         out_dir=out, reporter=rep, seed=rec.seed if rec is not None else 0, clusters=clusters)
+    try:
+        result = run_analyze(mdl.to(dev), info, data, device=dev, settings=settings, target_macs=target_macs,
+                             out_dir=out, reporter=rep, seed=rec.seed if rec is not None else 0, clusters=clusters)
+    except ModelError as exc:  # a layer's failure, named with the file it came from
+        raise ModelError(f"{checkpoint}: {exc}") from None
     if json_out:
         _emit_json(result)
     else:

@@ -164,11 +164,15 @@ class StructuredPruner:
         self._refresh_groups()
         key = (type(model).__module__, type(model).__qualname__, out_name, tuple(self._groups),
                tuple((n, type(m).__qualname__) for n, m in model.named_modules()))
-        if key not in _PROBE_CACHE:
-            if len(_PROBE_CACHE) > 64:
-                _PROBE_CACHE.clear()
-            _PROBE_CACHE[key] = frozenset(self._probe())
-        self._excluded = _PROBE_CACHE[key]
+        if key in _PROBE_CACHE:
+            self._excluded = _PROBE_CACHE[key]
+        else:
+            bad, conclusive = self._probe()
+            self._excluded = frozenset(bad)
+            if conclusive:  # a probe these weights made non-finite says nothing of the structure
+                if len(_PROBE_CACHE) > 64:
+                    _PROBE_CACHE.clear()
+                _PROBE_CACHE[key] = self._excluded
         if self._excluded:
             bad = [n for n in self._groups if n in self._excluded]
             shown = ", ".join(bad[:6]) + (", ..." if len(bad) > 6 else "")
@@ -202,15 +206,16 @@ class StructuredPruner:
         dep = self._groups[name][0].dep
         return self.dg.get_pruning_group(dep.target.module, dep.handler, sorted(int(i) for i in idxs))
 
-    def _probe(self) -> list[str]:
+    def _probe(self) -> tuple[list[str], bool]:
         """Groups whose pruning torch-pruning gets wrong: pruning one channel must give the same
         output as zeroing that channel's producers (conv/linear filters, norm scales and shifts),
-        which makes the channel zero wherever the group says it flows."""
+        which makes the channel zero wherever the group says it flows. Also returns whether the
+        answer is about the structure alone: not when these weights gave non-finite outputs."""
         gen = torch.Generator().manual_seed(0)
         x = self.example
         if x.is_floating_point():  # a random input: a zero one leaves fresh BatchNorm nets all zero
             x = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-        bad = []
+        bad, conclusive = [], True
         with eval_mode(self.model), torch.no_grad():
             snap = _Snapshot(self.dg, self.model)
             for name, group in self._groups.items():
@@ -221,6 +226,7 @@ class StructuredPruner:
                     one = self._group_of(name, [n - 1])
                     _zero_producers(self.dg, one)
                     masked = first_tensor(self.model(x))
+                    conclusive = conclusive and bool(torch.isfinite(masked).all())
                     one.prune(record_history=False)
                     pruned = first_tensor(self.model(x))
                     ok = (pruned.shape == masked.shape and bool(torch.isfinite(masked).all())
@@ -231,7 +237,7 @@ class StructuredPruner:
                     snap.restore()
                 if not ok:
                     bad.append(name)
-        return bad
+        return bad, conclusive
 
     # --- importance -----------------------------------------------------------------------------
     def score(self, batches: Iterable | None = None, importance: str | None = None) -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from kdcli.errors import ModelError
 from kdcli.granularity import GranularityMap, LayerGranularity
 from kdcli.taps import first_tensor, resolve_modules, unwrap
 from kdcli.train import eval_mode
@@ -110,6 +111,9 @@ def activation_statistics(model: nn.Module, batches: Sequence, layers: Sequence[
                 return
             seen.add(path)
             t = first_tensor(out)
+            if not bool(torch.isfinite(t.detach()).all()):  # before the statistics and PCA go NaN
+                raise ModelError(f"layer {path}: activations hold NaN or infinite values (weights or inputs "
+                                 "too large for float32?)")
             a = _per_feature(t.detach())
             stats[path].add_activation(a)
             shapes[path] = list(t.shape[1:])

@@ -234,7 +234,7 @@ _TEST_KEYS = (("x_test", "y_test"), ("test_inputs", "test_labels"), ("test_image
 def _as_inputs(x, where: str) -> torch.Tensor:
     """uint8 stays uint8 (scaled by 1/255 later); any other dtype becomes float32. ``[N, H, W]``
     gains a channel axis, so grey images stored without one fit the image models."""
-    t = torch.as_tensor(x)
+    t = _numeric(x, where, "inputs")
     if t.dim() < 2:
         raise DataError(f"{where}: inputs of shape {list(t.shape)}, expected [N, D] or [N, C, H, W]")
     if t.dim() == 3:
@@ -242,8 +242,19 @@ def _as_inputs(x, where: str) -> torch.Tensor:
     return t if t.dtype == torch.uint8 else t.to(torch.float32)
 
 
+def _numeric(v, where: str, what: str) -> torch.Tensor:
+    """``v`` as a real-valued tensor, or DataError: strings, objects and booleans are not data."""
+    try:
+        t = torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{where}: {what} are not numeric ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise DataError(f"{where}: {what} of type {t.dtype}, expected real numbers")
+    return t
+
+
 def _as_labels(y, n: int, where: str) -> torch.Tensor:
-    t = torch.as_tensor(y)
+    t = _numeric(y, where, "labels")
     if t.dim() == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.dim() != 1 or t.shape[0] != n:

@@ -19,8 +19,9 @@ from kdcli import __version__
 from kdcli.console import Reporter
 from kdcli.models import absolute_spec
 from kdcli.data import DataBundle
+from kdcli.errors import DataError, ModelError
 from kdcli.recipe import Recipe
-from kdcli.train import evaluate, fit, is_main_process, tensor_batches
+from kdcli.train import eval_mode, evaluate, fit, is_main_process, tensor_batches
 
 
 @dataclass
@@ -100,6 +101,27 @@ def recipe_models(recipe: Recipe) -> list[str]:
     return [absolute_spec(s, recipe.base_dir) for s in specs if isinstance(s, str)]
 
 
+def check_model_fits(model: nn.Module, info, data, example: torch.Tensor) -> None:
+    """The model, its declared input shape and the data agree (shape, classes, a forward pass that
+    gives ``[N, num_classes]`` logits); one-line DataError / ModelError otherwise, before training."""
+    if data is not None and tuple(data.input_shape) != tuple(info.input_shape):
+        raise DataError(f"data ({data.description}): inputs of shape {list(data.input_shape)}, but model "
+                        f"{info.name} expects {list(info.input_shape)}")
+    if data is not None and data.num_classes != info.num_classes:
+        raise DataError(f"data ({data.description}): {data.num_classes} classes, but model {info.name} "
+                        f"has {info.num_classes} outputs")
+    try:
+        with eval_mode(model), torch.no_grad():
+            out = model(example)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported in one line
+        text = " ".join(str(exc).split())[:200]
+        raise ModelError(f"model {info.name}: forward pass on input shape {list(info.input_shape)} failed "
+                         f"({type(exc).__name__}: {text})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != info.num_classes:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"model {info.name}: output {shape}, expected logits [N, {info.num_classes}]")
+
+
 def teacher_key(recipe: Recipe) -> str:
     """A hash of what determines a trained teacher (seed, data, teacher spec): a run directory's
     ``teacher.kdc`` is reused only when it matches."""
@@ -163,6 +185,7 @@ def obtain_teacher(recipe: Recipe, data: DataBundle, device: torch.device, run_d
                                      num_classes=data.num_classes, base_dir=recipe.base_dir, trust=trust,
                                      allow=recipe_models(recipe))
         info.metadata = {**data_metadata(data), **info.metadata}
+        check_model_fits(model, info, data, torch.zeros(1, *info.input_shape))
         reporter.info(f"teacher: {spec.checkpoint} ({info.name})")
         return model.to(device), info
     cached = run_dir / "teacher.kdc"

@@ -70,6 +70,7 @@ def test_quickstart_end_to_end(tmp_path):
     res = invoke("compress", REPO / "recipes" / "quickstart.yaml", "--out", run, "--json", "--threads", "1", *FAST)
     assert res.exit_code in (0, 3), res.output
     result = json.loads(res.stdout)
+    assert "step 1:" in res.stderr and "teacher" in res.stderr  # --json keeps the progress, on stderr
     assert result["student"]["macs"] <= 0.3 * result["teacher"]["macs"] * 1.0001
     for name in ("recipe.yaml", "metrics.jsonl", "student.kdc", "teacher.kdc", "compress_report.md",
                  "compress_report.html", "export/student.onnx", "export/report.json"):

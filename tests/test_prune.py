@@ -385,3 +385,21 @@ def test_fill_to_macs_lands_near_the_aim_in_round_to_blocks():
         assert p.plan_macs({**filled, g: [i for i in idxs if i not in nxt]}) > aim
     p.apply(filled)
     assert count_macs_params(model, ex)[0] == after
+
+
+def test_a_probe_overflowed_by_its_weights_does_not_exclude_the_groups_of_later_models():
+    """The coupling probe's verdict is cached per structure; one that these weights made
+    non-finite (an MLP scaled by 1e25) must not keep every later MLP of that shape unpruned."""
+    from kdcli.prune import StructuredPruner
+
+    def mlp(scale):
+        torch.manual_seed(0)
+        m = build_model("mlp", {"hidden": [16, 16]}, input_shape=(1, 8, 8), num_classes=10)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(scale)
+        return m
+
+    x = torch.zeros(1, 1, 8, 8)
+    StructuredPruner(mlp(1e25), x)
+    assert sorted(StructuredPruner(mlp(1.0), x).groups) == ["features.1", "features.3"]
