@@ -345,7 +345,10 @@ def load_model_file(path: Path, *, base_dir: Path | None = None, allow: Iterable
     refused = [c for c in code if c not in allowed]
     if refused and not trust:
         raise _code_refusal(path, refused)
-    built = build_model(name, args, input_shape=input_shape, num_classes=num_classes)
+    try:
+        built = build_model(name, args, input_shape=input_shape, num_classes=num_classes)
+    except ModelError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     built.eval()
     try:
         replay_history(built, torch.zeros(1, *input_shape), history)

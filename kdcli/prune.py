@@ -498,7 +498,10 @@ def _check_history_indices(dg: tp.DependencyGraph, module: nn.Module, i: int, en
     """ModelError unless the entry's indices are distinct channels of ``module`` that leave at
     least one: torch-pruning would otherwise fail deep inside, or silently index out of range."""
     name, is_out, idxs = entry
-    size = dg.get_out_channels(module) if is_out else dg.get_in_channels(module)
+    try:
+        size = dg.get_out_channels(module) if is_out else dg.get_in_channels(module)
+    except Exception:  # noqa: BLE001 - torch-pruning raises KeyError & co. for modules outside its graph
+        size = None
     if size is None:
         raise ModelError(f"pruning history entry {i}: module {name!r} has no prunable channels")
     bad = [j for j in idxs if not 0 <= j < size]

@@ -181,3 +181,93 @@ def test_parse_recipe_mutated(data):
        sets=st.lists(st.builds(lambda k, v: f"{k}={v}", set_keys, set_values), max_size=2))
 def test_parse_recipe_random_text(text, sets):
     _parse_or_explain(text, sets)
+
+
+# ----------------------------------------------------------------------------- model files
+
+import io  # noqa: E402 - the loader fuzzing below is its own section
+
+import torch  # noqa: E402
+
+from kdcli.checkpoint import load_model_file, read_state_dict, save_model_file  # noqa: E402
+from kdcli.errors import InputError  # noqa: E402
+
+_KDC_FIELDS = ["format", "format_version", "model", "model.name", "model.args", "model.input_shape",
+               "model.num_classes", "pruning_history", "state_dict", "metadata"]
+_junk = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(),
+                               st.text(max_size=12)),
+                     lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                             st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                     max_leaves=8)
+
+
+@pytest.fixture(scope="module")
+def kdc_blob(tmp_path_factory):
+    from kdcli.models import build_model
+    from kdcli.prune import StructuredPruner
+
+    torch.manual_seed(0)
+    model = build_model("mlp", {"hidden": [8]}, input_shape=(1, 4, 4), num_classes=3)
+    pruner = StructuredPruner(model, torch.zeros(1, 1, 4, 4))
+    pruner.prune_ratios({pruner.groups[0]: 0.5}, pruner.score())
+    path = tmp_path_factory.mktemp("kdc") / "m.kdc"
+    save_model_file(path, model, name="mlp", args={"hidden": [8]}, input_shape=[1, 4, 4], num_classes=3,
+                    pruning_history=pruner.history())
+    return torch.load(path, weights_only=True), path.read_bytes()
+
+
+def _must_load_or_refuse(path):
+    """A model file loads, or is refused with an InputError naming it: nothing else escapes."""
+    try:
+        load_model_file(path)
+    except InputError as exc:
+        assert str(exc).startswith(str(path)), str(exc)
+        assert "\n" not in str(exc)
+
+
+@FUZZ
+@given(field=st.sampled_from(_KDC_FIELDS), value=_junk)
+def test_model_file_with_a_field_replaced(kdc_blob, tmp_path_factory, field, value):
+    obj = {k: (dict(v) if isinstance(v, dict) else v) for k, v in kdc_blob[0].items()}
+    top, _, sub = field.partition(".")
+    if sub:
+        obj[top] = {**obj[top], sub: value}
+    else:
+        obj[top] = value
+    path = tmp_path_factory.mktemp("f") / "m.kdc"
+    torch.save(obj, path)
+    _must_load_or_refuse(path)
+
+
+@FUZZ
+@given(data=st.data())
+def test_model_file_history_mutated(kdc_blob, tmp_path_factory, data):
+    obj = dict(kdc_blob[0])
+    history = [list(e) for e in obj["pruning_history"]]
+    i = data.draw(st.integers(0, len(history) - 1))
+    j = data.draw(st.integers(0, 2))
+    history[i][j] = data.draw(st.one_of(_junk, st.lists(st.integers(-5, 10**7), max_size=6),
+                                        st.sampled_from(["features", "", "features.1.weight", "classifier"])))
+    obj["pruning_history"] = history
+    path = tmp_path_factory.mktemp("h") / "m.kdc"
+    torch.save(obj, path)
+    _must_load_or_refuse(path)
+
+
+@FUZZ
+@given(data=st.data())
+def test_model_file_bytes_corrupted(kdc_blob, tmp_path_factory, data):
+    raw = bytearray(kdc_blob[1])
+    for _ in range(data.draw(st.integers(1, 8))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    path = tmp_path_factory.mktemp("b") / "m.kdc"
+    path.write_bytes(bytes(raw))
+    _must_load_or_refuse(path)
+    plain = path.with_suffix(".pt")
+    plain.write_bytes(bytes(raw))
+    try:
+        read_state_dict(plain)
+    except InputError as exc:
+        assert str(exc).startswith(str(plain))

@@ -142,15 +142,54 @@ def _bytes(run_dir: Path) -> bytes:
     return (run_dir / "student.kdc").read_bytes()
 
 
-@pytest.mark.parametrize("n_distils", [2, 3, 4])
-def test_resume_after_a_kill_writes_the_same_student_bytes(tmp_path, n_distils):
-    """Killed at the start of the 2nd or 3rd step's distillation (just after a step boundary) or of
-    the final distillation: the resumed student.kdc equals the uninterrupted run's, byte for byte."""
+def _killed_at(tmp_path, name, where: str, n: int) -> Path:
+    """A run killed (KeyboardInterrupt) at the ``n``-th call of ``where``: ``state`` (just after
+    ``state.json`` is written: a step boundary) or ``batch`` (a distillation step, mid-epoch)."""
+    from kdcli.distill import Distiller
+
+    calls = {"n": 0}
+    if where == "state":
+        real = C.RunDir.write_json
+
+        def patched(self, fname, obj):
+            real(self, fname, obj)
+            if fname == "state.json":
+                calls["n"] += 1
+                if calls["n"] == n:
+                    raise KeyboardInterrupt
+        owner, attr = C.RunDir, "write_json"
+    else:
+        real = Distiller.forward
+
+        def patched(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(self, *args, **kwargs)
+        owner, attr = Distiller, "forward"
+    setattr(owner, attr, patched)
+    try:
+        recipe, run_dir = _start(tmp_path, name)
+        with pytest.raises(KeyboardInterrupt):
+            C.compress(recipe, run_dir, device=torch.device("cpu"))
+    finally:
+        setattr(owner, attr, real)
+    return tmp_path / name
+
+
+def test_resume_after_a_kill_anywhere_writes_the_same_student_bytes(tmp_path):
+    """Killed at the start of a step's distillation, just after each step boundary (state.json
+    written), and in the middle of distillation epochs (the 20th and 50th batch): every resumed
+    student.kdc equals the uninterrupted run's, byte for byte."""
     recipe, run_dir = _start(tmp_path, "clean")
     C.compress(recipe, run_dir, device=torch.device("cpu"))
-    killed = _killed_after(tmp_path, "killed", n_distils)
-    C.compress(C.resume_recipe(killed), killed, device=torch.device("cpu"))
-    assert _bytes(killed) == _bytes(run_dir)
+    clean = _bytes(run_dir)
+    kills = [("distil", 2), ("distil", 3), ("state", 1), ("state", 2), ("state", 3), ("batch", 20), ("batch", 50)]
+    for where, n in kills:
+        name = f"{where}-{n}"
+        killed = (_killed_after(tmp_path, name, n) if where == "distil" else _killed_at(tmp_path, name, where, n))
+        C.compress(C.resume_recipe(killed), killed, device=torch.device("cpu"))
+        assert _bytes(killed) == clean, (where, n)
 
 
 @pytest.mark.slow

@@ -166,6 +166,10 @@ def build_model(name: str, args: dict | None = None, *, input_shape: Sequence[in
         raise ModelError(f"model {name!r}: bad model_args {args}: {exc}") from exc
     except ValueError as exc:
         raise ModelError(f"model {name!r}: {exc}") from exc
+    except (RuntimeError, OverflowError, IndexError, KeyError) as exc:  # e.g. a negative width in model_args
+        text = " ".join(str(exc).split())[:160]
+        raise ModelError(f"model {name!r}: building it with model_args {args} failed ({type(exc).__name__}: "
+                         f"{text})") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {name!r}: factory returned {type(model).__name__}, expected torch.nn.Module")
     return model
