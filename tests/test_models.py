@@ -31,7 +31,8 @@ def test_builtin_builds_and_outputs_logits(name, args, shape):
 
 
 def test_builtin_names():
-    assert builtin_names() == ["cnn3", "lenet5", "mlp", "resnet20", "resnet32", "resnet44", "resnet56", "vgg"]
+    assert builtin_names() == ["cnn3", "lenet5", "mlp", "mobilenet_v2", "resnet18", "resnet20", "resnet32", "resnet44",
+                               "resnet56", "vgg", "vit"]
 
 
 def test_mlp_layer_widths_follow_args():
@@ -114,7 +115,7 @@ def test_user_model_from_file_relative_to_base_dir(tmp_path):
 
 
 @pytest.mark.parametrize("name, args, message", [
-    ("resnet99", {}, r"model 'resnet99': expected a built-in \(cnn3, lenet5, mlp, resnet20"),
+    ("resnet99", {}, r"model 'resnet99': expected a built-in \(cnn3, lenet5, mlp, mobilenet_v2, resnet18, resnet20"),
     ("nets/missing.py:tiny", {}, r"model 'nets/missing.py:tiny': file .*missing.py not found"),
     ("nets/m.py:nope", {}, r"model 'nets/m.py:nope': nets/m.py has no callable 'nope'"),
     ("nets/m.py:VALUE", {}, r"has no callable 'VALUE'"),

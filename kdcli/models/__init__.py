@@ -26,6 +26,9 @@ BUILTIN = {
     "resnet32": ("kdcli.models.resnet_cifar", "resnet32"),
     "resnet44": ("kdcli.models.resnet_cifar", "resnet44"),
     "resnet56": ("kdcli.models.resnet_cifar", "resnet56"),
+    "resnet18": ("kdcli.models.resnet", "resnet18"),
+    "mobilenet_v2": ("kdcli.models.mobilenet", "mobilenet_v2"),
+    "vit": ("kdcli.models.vit", "vit"),
 }
 
 
