@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
     from kdcli.analysis import analyze
     from kdcli.models import build_model
-    from kdcli.recipe import AnalyzeSpec
+    from kdcli.config.recipe import AnalyzeSpec
     from kdcli.teacher import ModelInfo, load_model_any
     from kdcli.train import evaluate, tensor_batches
 

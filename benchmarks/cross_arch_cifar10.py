@@ -71,9 +71,9 @@ import torch  # noqa: E402
 from kdcli.charts import bar_chart, heatmap, html_page, html_table  # noqa: E402
 from kdcli.data import DataSpec, load_data  # noqa: E402
 from kdcli.distill import Distiller  # noqa: E402
-from kdcli.losses.spec import CE, KD, VID  # noqa: E402
+from kdcli.config.losses import CE, KD, VID  # noqa: E402
 from kdcli.models import build_model  # noqa: E402
-from kdcli.recipe import TrainSpec  # noqa: E402
+from kdcli.config.recipe import TrainSpec  # noqa: E402
 from kdcli.run import atomic_write_text  # noqa: E402
 from kdcli.train import evaluate, fit, resolve_device, tensor_batches  # noqa: E402
 

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 
 from kdcli.data import BatchLoader, TensorData
 from kdcli.distill import Distiller
-from kdcli.losses.spec import CE, KD
+from kdcli.config.losses import CE, KD
 from kdcli.models import build_model
-from kdcli.recipe import TrainSpec
+from kdcli.config.recipe import TrainSpec
 from kdcli.train import fit
 
 T, W_KD, W_CE, LR = 4.0, 0.9, 0.1, 0.02

@@ -81,7 +81,7 @@ def main() -> None:
     from kdcli.console import Reporter
     from kdcli.data import load_data
     from kdcli.prune import StructuredPruner, count_macs_params
-    from kdcli.recipe import load_recipe
+    from kdcli.config.recipe import load_recipe
     from kdcli.teacher import load_model_any, save_model, train_teacher
     from kdcli.train import evaluate, fit, resolve_device, tensor_batches
 

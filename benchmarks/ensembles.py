@@ -60,10 +60,10 @@ from kdcli.data import DataSpec, load_data
 from kdcli.distill import Distiller
 from kdcli.ensembles import build_ensemble_teacher
 from kdcli.ensembles.combine import combine_distributions, combine_objective, expand_specialist
-from kdcli.ensembles.spec import DiversifiedSpec, SpecialistsSpec
-from kdcli.losses.spec import CE, KD
+from kdcli.config.ensembles import DiversifiedSpec, SpecialistsSpec
+from kdcli.config.losses import CE, KD
 from kdcli.models import build_model
-from kdcli.recipe import TrainSpec
+from kdcli.config.recipe import TrainSpec
 from kdcli.teacher import ModelInfo, save_model
 from kdcli.train import evaluate, fit, tensor_batches
 

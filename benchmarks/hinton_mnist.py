@@ -61,9 +61,9 @@ import torch  # noqa: E402
 
 from kdcli.data import AugmentSpec, DataSpec, load_data  # noqa: E402
 from kdcli.distill import Distiller  # noqa: E402
-from kdcli.losses.spec import CE, KD  # noqa: E402
+from kdcli.config.losses import CE, KD  # noqa: E402
 from kdcli.models import build_model  # noqa: E402
-from kdcli.recipe import TrainSpec  # noqa: E402
+from kdcli.config.recipe import TrainSpec  # noqa: E402
 from kdcli.train import evaluate, fit, resolve_device, tensor_batches  # noqa: E402
 
 PAPER = {"teacher": 67, "student_alone": 146, "distilled": 74}  # test errors / 10,000, Hinton et al. 2015

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdcli.config.importance import CRITERIA, NEEDS_DATA
 from kdcli.console import Reporter
 from kdcli.errors import DataError, InputError, ModelError
 from kdcli.teacher import check_model_fits
@@ -152,10 +153,10 @@ def _importances(pruner, members: dict, batches) -> dict[str, dict[str, list]]:
     """Per group and criterion, each channel's importance divided by its group's mean (the
     pruner's normalisation). ``bn-scale`` only where the group holds a BatchNorm layer;
     ``taylor`` and ``activation`` only with ``batches``."""
-    criteria = ["magnitude", "magnitude-l1", "bn-scale"] + (["taylor", "activation"] if batches else [])
+    criteria = [c for c in CRITERIA if batches or c not in NEEDS_DATA]
     out: dict[str, dict[str, list]] = {g: {} for g in pruner.groups}
     for crit in criteria:
-        scores = pruner.score(batches=batches if crit in ("taylor", "activation") else None, importance=crit)
+        scores = pruner.score(batches=batches if crit in NEEDS_DATA else None, importance=crit)
         for g, s in scores.items():
             if crit == "bn-scale" and not members[g]["norm"]:
                 continue
@@ -211,7 +212,7 @@ def analyze(model: nn.Module, info, data=None, *, device: torch.device | None = 
     sensitivity.csv, granularity.json (with data) and report.html there.
 
     ``data``: a :class:`kdcli.data.DataBundle` for the data-driven figures, or None for static
-    figures only. ``settings``: a :class:`kdcli.recipe.AnalyzeSpec` (defaults otherwise);
+    figures only. ``settings``: a :class:`kdcli.config.recipe.AnalyzeSpec` (defaults otherwise);
     ``target_macs`` overrides its ``target_macs``. The model is left exactly as it was (weights,
     buffers, train/eval mode). Deterministic for a given ``seed``.
 
@@ -226,7 +227,7 @@ def analyze(model: nn.Module, info, data=None, *, device: torch.device | None = 
 
 def _analyze(model, info, data, *, device, settings, target_macs, out_dir, reporter, seed, clusters) -> dict:
     from kdcli.prune import StructuredPruner, count_macs_params
-    from kdcli.recipe import AnalyzeSpec
+    from kdcli.config.recipe import AnalyzeSpec
     from kdcli.sensitivity import consumer_statistics, group_layers, pruning_sensitivity, suggest_ratios
     from kdcli.train import evaluate, tensor_batches
 

@@ -4,6 +4,8 @@ figures and the JSON schema)."""
 
 from __future__ import annotations
 
+from kdcli.config.importance import CRITERIA
+
 import csv
 import html
 import io
@@ -226,7 +228,7 @@ def report_html(result: dict) -> str:
     parts += ["<h2>Channel importance</h2>", "<p>Each channel's score divided by its group's mean, all groups.</p>",
               '<div class="charts">']
     constant = []
-    for crit in ("magnitude", "magnitude-l1", "bn-scale", "taylor", "activation", "apoz"):
+    for crit in (*CRITERIA, "apoz"):
         vals = [v for g in result["groups"] for v in g["importance"].get(crit, [])]
         name = crit + (" (fraction of zeros)" if crit == "apoz" else "")
         if vals and max(vals) - min(vals) > 1e-9:

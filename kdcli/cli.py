@@ -104,7 +104,7 @@ def _emit_json(obj: Any) -> None:
 
 def _device(name: Optional[str], recipe=None, threads: Optional[int] = None):
     """The torch device of ``--device`` (else the recipe's), after applying ``--threads``."""
-    from kdcli.recipe import check_device_string
+    from kdcli.config.recipe import check_device_string
     from kdcli.train import resolve_device
 
     if threads:
@@ -123,7 +123,7 @@ def _device(name: Optional[str], recipe=None, threads: Optional[int] = None):
 def _recipe_path(recipe: Optional[Path]) -> Path:
     if recipe is not None:
         return recipe
-    from kdcli.recipe import builtin_recipe_path
+    from kdcli.config.recipe import builtin_recipe_path
 
     return builtin_recipe_path("quickstart")
 
@@ -136,13 +136,22 @@ def _recipe_path(recipe: Optional[Path]) -> Path:
 def recipe_validate(file: Path = typer.Argument(..., help="Recipe YAML file."),
                     set_: Optional[List[str]] = SET, json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Check a recipe: unknown keys, wrong types and impossible values name the file, line and field."""
-    from kdcli.recipe import load_recipe
+    from kdcli.config.recipe import load_recipe
 
     recipe = load_recipe(file, set_ or ())
     if json_out:
         _emit_json({"file": str(file), "valid": True, "recipe": recipe.model_dump(mode="json", by_alias=True)})
     else:
         typer.echo(f"{file}: valid")
+
+
+@recipe_app.command("schema")
+@_command
+def recipe_schema(debug: bool = DEBUG) -> None:
+    """Print the recipe's JSON Schema (for editors: YAML autocompletion and checks as you type)."""
+    from kdcli.config.recipe import recipe_json_schema
+
+    typer.echo(json.dumps(recipe_json_schema(), indent=2))
 
 
 @recipe_app.command("show")
@@ -152,7 +161,7 @@ def recipe_show(name: str = typer.Argument("quickstart", help="A built-in recipe
     """Print a built-in recipe (a starting point to copy and edit)."""
     import re
 
-    from kdcli.recipe import builtin_recipe_path
+    from kdcli.config.recipe import builtin_recipe_path
 
     path = builtin_recipe_path(name)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path.is_file():  # a name, never a path
@@ -171,7 +180,7 @@ def train(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (defau
           json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Train the recipe's teacher from scratch (for users and demos that have no trained model)."""
     from kdcli.data import load_data
-    from kdcli.recipe import load_recipe
+    from kdcli.config.recipe import load_recipe
     from kdcli.teacher import save_model, train_teacher
 
     from kdcli.run import check_writable_dir
@@ -336,7 +345,7 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     import torch
 
     from kdcli.export import run_export
-    from kdcli.recipe import load_recipe
+    from kdcli.config.recipe import load_recipe
     from kdcli.teacher import export_info
 
     from kdcli.run import check_writable_dir
@@ -405,7 +414,7 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
     from kdcli.analysis import analyze as run_analyze
     from kdcli.errors import ModelError
     from kdcli.analysis_report import render_terminal
-    from kdcli.recipe import load_recipe
+    from kdcli.config.recipe import load_recipe
 
     from kdcli.run import check_writable_dir
 
@@ -433,7 +442,8 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
 def _analysis_data(rec, data_flag: Optional[str]):
     if rec is None and data_flag is None:
         return None
-    from kdcli.data import DataSpec, load_data
+    from kdcli.config.data import DataSpec
+    from kdcli.data import load_data
 
     if data_flag is not None:
         kind, _, path = data_flag.partition(":")

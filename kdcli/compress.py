@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 
+from kdcli.config.importance import NEEDS_DATA
 from kdcli.console import Reporter
 from kdcli.errors import GateError, InputError, TrainingDiverged
 from kdcli.models import absolute_spec
 from kdcli.prune import count_macs_params
-from kdcli.recipe import Recipe, load_recipe, parse_recipe
+from kdcli.config.recipe import Recipe, load_recipe, parse_recipe
 from kdcli.run import RunLock, atomic_write_json, atomic_write_text
 from kdcli.teacher import (ModelInfo, data_metadata, export_info, load_model_any, obtain_teacher, recipe_models,
                            save_model)
@@ -517,7 +518,7 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
     if k == 1:
         for note in pruner.notes:
             reporter.info(f"prune: {note}")
-    batches = _score_batches(recipe, data, device) if recipe.prune.importance in ("taylor", "activation") else None
+    batches = _score_batches(recipe, data, device) if recipe.prune.importance in NEEDS_DATA else None
     scores = pruner.score(batches=batches)
     if k == 1 and recipe.prune.ratios_from:
         ratios = _suggested_ratios(recipe.resolve(recipe.prune.ratios_from))
@@ -573,9 +574,9 @@ def _distil(recipe, teacher, student, data, device, granularity, val, reporter, 
 
 def _train_teacher(recipe, teaching, student, data, device, val, reporter, label, seed) -> float:
     """Fine-tune ``teaching`` in place (``distill.train_teacher``, see
-    :class:`kdcli.recipe.TeacherTrainingSpec`): cross-entropy plus ``kd_weight`` × KD toward a
+    :class:`kdcli.config.recipe.TeacherTrainingSpec`): cross-entropy plus ``kd_weight`` × KD toward a
     frozen copy of ``student``. Returns its validation accuracy afterwards; it is left frozen."""
-    from kdcli.losses.spec import CE, KD
+    from kdcli.config.losses import CE, KD
 
     spec = recipe.distill.train_teacher
     cfg = recipe.distill.train.model_copy(update={"epochs": spec.epochs, "lr": spec.lr})

@@ -1,4 +1,4 @@
-"""Data sources, the recipe's ``data:`` section, and a fast in-memory batch loader.
+"""Data: reading the recipe's ``data:`` section (its schema is :mod:`kdcli.config.data`), and a fast in-memory batch loader.
 
 Every source is read once into tensors (``uint8`` for image files, so that CIFAR-10's 50,000
 training images take 150 MB), split into train/val with the recipe's seed, and served by
@@ -16,136 +16,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
+from kdcli.config.data import AugmentSpec, DataSpec, NormalizeStats
 from kdcli.errors import DataError
-
-# ----------------------------------------------------------------------------- recipe models
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: a nan mean or std, or an inf fraction, would poison every batch
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class DigitsSource(_Strict):
-    """scikit-learn's bundled 8x8 digits (1,797 images, shape (1, 8, 8)); the last 360 are the test split."""
-
-    kind: Literal["digits"] = "digits"
-
-
-class IdxSource(_Strict):
-    """MNIST layout: ``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``, ``t10k-*`` as test."""
-
-    kind: Literal["idx"]
-    path: str
-    classes: list[str] | None = None
-
-
-class Cifar10BinSource(_Strict):
-    """CIFAR-10 binary version: ``data_batch_*.bin`` as train, ``test_batch*.bin`` as test."""
-
-    kind: Literal["cifar10-bin"]
-    path: str
-    classes: list[str] | None = None
-
-
-_MAX_SIDE = 8192  # pixels of a resized image side: an 8k x 8k x 3 uint8 image is 200 MB
-
-
-class ImageFolderSource(_Strict):
-    """One sub-folder per class (or ``train/`` and ``test/`` folders of those); ``size`` resizes."""
-
-    kind: Literal["image-folder"]
-    path: str
-    size: tuple[int, int] | None = None
-    grayscale: bool = False
-
-    @field_validator("size")
-    @classmethod
-    def _positive(cls, v):
-        if v is not None and not all(1 <= s <= _MAX_SIDE for s in v):
-            raise ValueError(f"size must be two integers [H, W] in [1, {_MAX_SIDE}] (got {list(v)})")
-        return v
-
-
-class TensorsSource(_Strict):
-    """A ``.pt`` (weights_only) or ``.npz`` file with inputs/labels (x/y, inputs/labels or images/labels)."""
-
-    kind: Literal["tensors"]
-    path: str
-    classes: list[str] | None = None
-
-
-class PythonSource(_Strict):
-    """``pkg.mod:fn`` or ``file.py:fn`` returning a Dataset of (input, label), or a (train, test) tuple."""
-
-    kind: Literal["python"]
-    factory: str
-    args: dict[str, JsonValue] = Field(default_factory=dict)  # plain values: a run records them as JSON
-    classes: list[str] | None = None
-
-
-SourceSpec = Annotated[Union[DigitsSource, IdxSource, Cifar10BinSource, ImageFolderSource,
-                             TensorsSource, PythonSource], Field(discriminator="kind")]
-
-
-class NormalizeStats(_Strict):
-    """Fixed per-channel statistics, in the [0, 1] scale of the inputs (uint8 pixels are divided by 255)."""
-
-    mean: list[float]
-    std: list[float]
-
-    @model_validator(mode="after")
-    def _check(self):
-        if len(self.mean) != len(self.std) or not self.mean:
-            raise ValueError("mean and std need the same, non-zero length (one value per channel)")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std values must be > 0")
-        return self
-
-
-class AugmentSpec(_Strict):
-    """Batch-wise training augmentation: random crop with zero padding, horizontal flip, and a random
-    translation by up to ±``jitter`` pixels (Hinton et al. 2015 jitter MNIST by up to 2 pixels)."""
-
-    crop_padding: int = Field(0, ge=0, le=_MAX_SIDE)
-    hflip: bool = False
-    jitter: int = Field(0, ge=0, le=_MAX_SIDE)
-
-    @property
-    def active(self) -> bool:
-        """True when any augmentation is switched on."""
-        return bool(self.crop_padding or self.hflip or self.jitter)
-
-
-class DataSpec(_Strict):
-    """The recipe's ``data:`` section."""
-
-    source: SourceSpec = Field(default_factory=DigitsSource)
-    val_fraction: float = Field(0.1, ge=0, le=0.9)
-    normalize: Union[Literal["auto", "none"], NormalizeStats] = "auto"
-    augment: AugmentSpec = Field(default_factory=AugmentSpec)
-    batch_size: int = Field(128, ge=1, le=1 << 20)
-    eval_batch_size: int = Field(512, ge=1, le=1 << 20)
-    limit_train: int | None = Field(None, ge=1, le=10**12)
-    limit_eval: int | None = Field(None, ge=1, le=10**12)
-
-    @field_validator("source", mode="before")
-    @classmethod
-    def _bare_kind(cls, v):
-        # `source: digits` is shorthand for {kind: digits}; going through the tagged union (not a
-        # Literal alternative) makes `{kind: idx}` without a path report the missing field.
-        return {"kind": v} if isinstance(v, str) else v
-
-    @property
-    def source_spec(self):
-        """The source as a model (``"digits"`` becomes :class:`DigitsSource`)."""
-        return DigitsSource() if isinstance(self.source, str) else self.source
-
 
 # ----------------------------------------------------------------------------- tensors in memory
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from kdcli.errors import InputError, ModelError
 from kdcli.losses import Layers, build_term
-from kdcli.losses.spec import FEATURE_KINDS
+from kdcli.config.losses import FEATURE_KINDS
 from kdcli.taps import FeatureTaps, pick_layers, resolve_modules, trace_modules
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
@@ -194,7 +194,7 @@ class Distiller(nn.Module):
 def _validate_spec(obj: dict, k: int):
     from pydantic import TypeAdapter, ValidationError
 
-    from kdcli.losses.spec import LossSpec
+    from kdcli.config.losses import LossSpec
 
     try:
         return TypeAdapter(LossSpec).validate_python(obj)

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-IMPORTANCES = ("magnitude", "magnitude-l1", "taylor", "activation", "bn-scale")
+from kdcli.config.importance import NAMES
+
+IMPORTANCES = NAMES  # the criteria, from kdcli.config.importance
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 

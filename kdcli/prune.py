@@ -37,6 +37,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from kdcli.config.importance import NEEDS_DATA
 from kdcli.errors import InputError, ModelError
 from kdcli.importance import (IMPORTANCES, ROOT_TYPES, first_tensor, grads_enabled, group_importance,
                               mean_over_ranks)
@@ -255,7 +256,7 @@ class StructuredPruner:
         if crit not in IMPORTANCES:
             raise InputError(f"prune.importance: expected one of {', '.join(IMPORTANCES)}, got {crit!r}")
         batches = list(batches) if batches is not None else []
-        if crit in ("taylor", "activation") and not batches:
+        if crit in NEEDS_DATA and not batches:
             raise InputError(f"prune.importance: {crit} scores channels from data; no batches were given")
         with eval_mode(self.model):
             raw = group_importance(self.model, self.dg, self._groups, crit, batches)
@@ -265,7 +266,7 @@ class StructuredPruner:
             note = f"{crit}: {len(missing)} group(s) without what it scores were scored by magnitude"
             if note not in self.notes:
                 self.notes.append(note)
-        if crit in ("taylor", "activation"):
+        if crit in NEEDS_DATA:
             raw = mean_over_ranks(raw, self.example.device)
         out = {}
         for name, s in raw.items():

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from kdcli.data import (Cifar10BinSource, DigitsSource, IdxSource, ImageFolderSource, PythonSource,
-                        TensorData, TensorsSource)
+from kdcli.config.data import (Cifar10BinSource, DigitsSource, IdxSource, ImageFolderSource, PythonSource,
+                               TensorsSource)
+from kdcli.data import TensorData
 from kdcli.errors import DataError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -30,13 +32,22 @@ def read_source(spec, base_dir: Path) -> Split:
     int64 ``[N]``; ``test`` is None when the source has no test split; ``class_names`` may be
     empty (then classes are numbered); ``what`` names the source in messages.
     """
-    readers = {DigitsSource: _read_digits, IdxSource: _read_idx, Cifar10BinSource: _read_cifar10,
-               ImageFolderSource: _read_image_folder, TensorsSource: _read_tensors,
-               PythonSource: _read_python}
-    reader = readers.get(type(spec))
+    reader = READERS.get(getattr(spec, "kind", None))
     if reader is None:
         raise DataError(f"data.source: unsupported source {type(spec).__name__}")
     return reader(spec, Path(base_dir))
+
+
+READERS: dict[str, Callable] = {}  # source kind -> reader, filled by @reads
+
+
+def reads(kind: str):
+    """Register the decorated ``reader(spec, base_dir) -> Split`` for the source ``kind`` (its
+    spec is the class of that kind in :mod:`kdcli.config.data`)."""
+    def register(fn):
+        READERS[kind] = fn
+        return fn
+    return register
 
 
 def _resolve(p: str, base_dir: Path) -> Path:
@@ -51,6 +62,7 @@ def _existing_dir(spec, base_dir: Path) -> Path:
     return path
 
 
+@reads("digits")
 def _read_digits(spec: DigitsSource, base_dir: Path) -> Split:
     import numpy as np
     from sklearn.datasets import load_digits
@@ -124,6 +136,7 @@ def _read_idx_pair(folder: Path, prefix: str) -> TensorData | None:
     return TensorData(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype("int64")))
 
 
+@reads("idx")
 def _read_idx(spec: IdxSource, base_dir: Path) -> Split:
     folder = _existing_dir(spec, base_dir)
     train = _read_idx_pair(folder, "train")
@@ -162,6 +175,7 @@ def read_cifar10_bin(files: list[Path]) -> TensorData:
     return TensorData(torch.from_numpy(x.reshape(n, 3, 32, 32)), torch.from_numpy(y))
 
 
+@reads("cifar10-bin")
 def _read_cifar10(spec: Cifar10BinSource, base_dir: Path) -> Split:
     folder = _existing_dir(spec, base_dir)
     train_files = sorted(folder.glob("data_batch_*.bin"), key=_natural_key)
@@ -210,6 +224,7 @@ def _read_images(folder: Path, classes: list[str], spec: ImageFolderSource, shap
     return TensorData(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64))
 
 
+@reads("image-folder")
 def _read_image_folder(spec: ImageFolderSource, base_dir: Path) -> Split:
     folder = _existing_dir(spec, base_dir)
     split_layout = (folder / "train").is_dir() and bool(_class_dirs(folder / "train"))
@@ -274,6 +289,7 @@ def _pair(blob: dict, keys, where: str) -> TensorData | None:
     return None
 
 
+@reads("tensors")
 def _read_tensors(spec: TensorsSource, base_dir: Path) -> Split:
     import numpy as np
 
@@ -349,6 +365,7 @@ def materialize(dataset, where: str) -> TensorData:
     return TensorData(x, torch.tensor(ys, dtype=torch.int64))
 
 
+@reads("python")
 def _read_python(spec: PythonSource, base_dir: Path) -> Split:
     from kdcli.models import import_callable
 

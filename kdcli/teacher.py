@@ -20,7 +20,7 @@ from kdcli.console import Reporter
 from kdcli.models import absolute_spec
 from kdcli.data import DataBundle
 from kdcli.errors import DataError, ModelError
-from kdcli.recipe import Recipe
+from kdcli.config.recipe import Recipe
 from kdcli.train import eval_mode, evaluate, fit, is_main_process, tensor_batches
 
 

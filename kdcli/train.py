@@ -18,34 +18,13 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from kdcli.errors import InputError, TrainingDiverged
-
-class TrainSpec(BaseModel):
-    """One training phase (a recipe's ``train:``): teacher training, distillation per DKDP step,
-    or final fine-tuning. Read by :func:`fit`."""
-
-    # allow_inf_nan=False: an inf or nan learning rate, decay or clip trains nothing
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    epochs: int = Field(10, ge=0, le=10_000)
-    lr: float = Field(0.05, gt=0, le=10)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0, le=1)
-    schedule: Literal["cosine", "step", "constant", "onecycle"] = "cosine"
-    warmup_epochs: int = Field(0, ge=0, le=10_000)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(5.0, gt=0, le=1e6)
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-
 
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 

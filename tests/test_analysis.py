@@ -17,7 +17,7 @@ from kdcli.analysis_report import render_terminal
 from kdcli.console import Reporter
 from kdcli.data import DataBundle, TensorData
 from kdcli.granularity import GranularityMap
-from kdcli.recipe import AnalyzeSpec
+from kdcli.config.recipe import AnalyzeSpec
 from kdcli.sensitivity import (activation_statistics, combine_sensitivity, flag_critical, granularity_map,
                                pca_redundancy, pruning_sensitivity, suggest_ratios)
 from kdcli.teacher import ModelInfo

@@ -104,11 +104,11 @@ def test_recipe_show_takes_a_name_not_a_path(tmp_path):
 
 def test_file_system_errors_of_a_library_name_the_path(tmp_path, monkeypatch):
     """The one place that maps the OS errors only a user's path can cause to exit 2."""
-    import kdcli.recipe
+    import kdcli.config.recipe
 
     def broken(*_a, **_k):
         raise PermissionError(13, "Permission denied", str(tmp_path / "locked.yaml"))
 
-    monkeypatch.setattr(kdcli.recipe, "load_recipe", broken)
+    monkeypatch.setattr(kdcli.config.recipe, "load_recipe", broken)
     res, errors = invoke("recipe", "validate", tmp_path / "locked.yaml")
     assert res.exit_code == 2 and errors == [f"error: {tmp_path / 'locked.yaml'}: Permission denied"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kdcli.compress as C
-from kdcli.recipe import builtin_recipe_path
+from kdcli.config.recipe import builtin_recipe_path
 
 FAST = ["teacher.train.epochs=8", "distill.train.epochs=2", "prune.final_epochs=1", "export.enabled=false",
         "device=cpu"]

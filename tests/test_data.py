@@ -460,7 +460,7 @@ def test_real_mnist_bundle(shared_data):
 
 
 def test_shipped_fashion_recipe_loads_its_data(shared_data):
-    from kdcli.recipe import load_recipe
+    from kdcli.config.recipe import load_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "fashion-mnist.yaml")
     if not recipe.resolve(recipe.data.source_spec.path).is_dir():

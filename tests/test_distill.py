@@ -9,7 +9,7 @@ from torch import nn
 from kdcli.distill import Distiller
 from kdcli.errors import InputError
 from kdcli.granularity import GranularityMap, LayerGranularity
-from kdcli.losses.spec import AB, AT, CE, DKD, FSP, KD, VID, Hint
+from kdcli.config.losses import AB, AT, CE, DKD, FSP, KD, VID, Hint
 from kdcli.models import build_model
 from kdcli.taps import FeatureTaps, auto_layers
 
@@ -225,7 +225,7 @@ def test_feature_taps_clone_under_inplace_relu():
 
 def test_fit_integration_with_batch_loader():
     from kdcli.data import BatchLoader, TensorData
-    from kdcli.recipe import TrainSpec
+    from kdcli.config.recipe import TrainSpec
     from kdcli.train import fit
 
     torch.manual_seed(0)
@@ -253,7 +253,7 @@ def test_distilled_student_beats_its_undistilled_twin_on_mnist(shared_data):
     from pathlib import Path
 
     from kdcli.data import DataSpec, load_data
-    from kdcli.recipe import TrainSpec
+    from kdcli.config.recipe import TrainSpec
     from kdcli.train import evaluate, fit, tensor_batches
 
     spec = DataSpec.model_validate({"source": {"kind": "idx", "path": str(shared_data / "mnist")},

@@ -297,7 +297,7 @@ def test_disagreement_rate():
 
 
 def test_spec_validation():
-    from kdcli.ensembles.spec import DiversifiedSpec, SpecialistsSpec
+    from kdcli.config.ensembles import DiversifiedSpec, SpecialistsSpec
 
     s = SpecialistsSpec.model_validate({"ensemble": "specialists", "generalist": "runs/teacher.kdc",
                                         "num_specialists": 3, "subset_size": 2, "train": {"epochs": 2}})
@@ -313,10 +313,10 @@ def test_spec_validation():
 
 
 def test_spec_imports_in_either_order():
-    # kdcli.recipe imports the ensemble specs for its teacher field; either may be imported first.
+    # kdcli.config.recipe imports the ensemble specs for its teacher field; either may be imported first.
     procs = []
-    for first, second in (("kdcli.ensembles.spec", "kdcli.recipe"), ("kdcli.recipe", "kdcli.ensembles.spec")):
-        code = (f"import {first}, {second}; from kdcli.ensembles.spec import DiversifiedSpec; "
+    for first, second in (("kdcli.config.ensembles", "kdcli.config.recipe"), ("kdcli.config.recipe", "kdcli.config.ensembles")):
+        code = (f"import {first}, {second}; from kdcli.config.ensembles import DiversifiedSpec; "
                 "print(DiversifiedSpec.model_validate({'ensemble': 'diversified', 'model': 'mlp'}).train.epochs)")
         procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, cwd=REPO))
@@ -327,7 +327,7 @@ def test_spec_imports_in_either_order():
 
 
 def _fast(**kw):
-    from kdcli.recipe import TrainSpec
+    from kdcli.config.recipe import TrainSpec
 
     return TrainSpec(**{"epochs": 2, "lr": 0.05, "amp": "off", **kw})
 
@@ -335,7 +335,7 @@ def _fast(**kw):
 def test_build_specialists_teacher_and_model_file_roundtrip(tmp_path):
     from kdcli.checkpoint import load_model_file, save_model_file
     from kdcli.ensembles import build_ensemble_teacher
-    from kdcli.ensembles.spec import SpecialistsSpec
+    from kdcli.config.ensembles import SpecialistsSpec
 
     data = blobs(n_per_class=(60,) * 6)
     spec = SpecialistsSpec(ensemble="specialists", num_specialists=2, subset_size=2, top_n=2, inference_steps=10,
@@ -360,7 +360,7 @@ def test_build_specialists_teacher_and_model_file_roundtrip(tmp_path):
 def test_build_diversified_teacher(tmp_path):
     from kdcli.checkpoint import load_model_file, save_model_file
     from kdcli.ensembles import build_ensemble_teacher
-    from kdcli.ensembles.spec import DiversifiedSpec
+    from kdcli.config.ensembles import DiversifiedSpec
 
     data = blobs(n_per_class=(60,) * 4)
     spec = DiversifiedSpec(ensemble="diversified", members=2, model="mlp", model_args={"hidden": [16, 16]},
@@ -399,7 +399,7 @@ def test_fashion_mnist_generalist_confuses_upper_body_garments(shared_data):
     from kdcli.data import DataSpec, load_data
     from kdcli.ensembles.clusters import generalist_clusters
     from kdcli.models import build_model
-    from kdcli.recipe import TrainSpec
+    from kdcli.config.recipe import TrainSpec
     from kdcli.train import fit
 
     torch.set_num_threads(1)

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.errors import RecipeError
-from kdcli.recipe import Recipe, parse_recipe
+from kdcli.config.recipe import Recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = {p.name: p.read_text() for p in sorted((REPO / "recipes").glob("*.yaml"))}

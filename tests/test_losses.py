@@ -13,7 +13,7 @@ from kdcli.losses.base import nearest_teacher, per_channel_loss
 from kdcli.losses.hints import ab_loss, hint_loss, make_regressor
 from kdcli.losses.logits import dkd_loss, kd_loss
 from kdcli.losses.maps import at_loss, attention_map, fsp_loss, fsp_matrix
-from kdcli.losses.spec import DEFAULT_LOSSES, KD, VID, LossSpec
+from kdcli.config.losses import DEFAULT_LOSSES, KD, VID, LossSpec
 from kdcli.losses.vid import VIDRegressor, fixed_lambda, vid_nll
 
 

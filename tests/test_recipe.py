@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from kdcli.data import IdxSource
+from kdcli.config.data import IdxSource
 from kdcli.errors import RecipeError
-from kdcli.recipe import apply_overrides, load_recipe, parse_recipe
+from kdcli.config.recipe import apply_overrides, load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = "teacher:\n  model: mlp\n"
@@ -184,9 +184,7 @@ def _spec_models():
 
     from pydantic import BaseModel
 
-    from kdcli import data, recipe, train
-    from kdcli.ensembles import spec as ensembles
-    from kdcli.losses import spec as losses
+    from kdcli.config import data, ensembles, losses, recipe, train
 
     found = {}
     for mod in (recipe, data, train, ensembles, losses):
@@ -219,7 +217,7 @@ def test_every_number_field_is_finite_and_bounded(cls, key, kind):
 
 
 @pytest.mark.parametrize("model, message", [
-    ("resnet7", r"^r\.yaml:2: teacher\.model: unknown model 'resnet7'; built-ins: cnn3, lenet5, mlp, resnet20.*pkg\.mod:factory"),
+    ("resnet7", r"^r\.yaml:2: teacher\.model: unknown model 'resnet7'; built-ins: cnn3, lenet5, mlp, .*resnet20.*pkg\.mod:factory"),
     ("nets/missing.py:make", r"^r\.yaml:2: teacher\.model: file '.*nets/missing\.py' not found \(got 'nets/missing\.py:make'"),
     ("nets/m.py:", r"^r\.yaml:2: teacher\.model: expected 'pkg\.mod:factory' or 'path/to/file\.py:factory'"),
     (":make", r"^r\.yaml:2: teacher\.model: expected 'pkg\.mod:factory'"),

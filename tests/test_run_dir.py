@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import kdcli.compress as C
 from kdcli.cli import app
 from kdcli.errors import InputError
-from kdcli.recipe import builtin_recipe_path
+from kdcli.config.recipe import builtin_recipe_path
 from kdcli.run import RunLock, check_writable_dir
 
 FAST = ["teacher.train.epochs=4", "distill.train.epochs=1", "prune.final_epochs=1", "prune.steps=3",

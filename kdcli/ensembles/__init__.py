@@ -6,7 +6,7 @@
 - :mod:`kdcli.ensembles.diversified`: members trained in sequence with a granularity-weighted
   feature term against the previous member; :mod:`~kdcli.ensembles.diversity` measures
   disagreement and linear CKA (Kornblith et al. 2019).
-- :mod:`kdcli.ensembles.spec`: the recipe models (``teacher: {ensemble: specialists | diversified}``);
+- :mod:`kdcli.config.ensembles`: the recipe models (``teacher: {ensemble: specialists | diversified}``);
   :mod:`kdcli.ensembles.build`: :func:`build_ensemble_teacher`, called by ``obtain_teacher``.
 
 Both ensembles are ``nn.Module`` s whose ``forward(x)`` returns log-probabilities (logits up to a

@@ -4,31 +4,25 @@
 - :mod:`kdcli.losses.hints`: FitNets hints, activation boundaries (regressor / connector);
 - :mod:`kdcli.losses.maps`: attention transfer, FSP flow matrices;
 - :mod:`kdcli.losses.vid`: variational information distillation, all-to-all λ pairing;
-- :mod:`kdcli.losses.spec`: the recipe models (``distill.losses``).
+- :mod:`kdcli.config.losses`: the recipe models (``distill.losses``).
 
 :func:`build_term` turns one recipe entry into a :class:`~kdcli.losses.base.Term` module.
 """
 
 from __future__ import annotations
 
-from kdcli.losses.base import Layers, Term
-from kdcli.losses.hints import ABTerm, HintTerm
-from kdcli.losses.logits import CETerm, DKDTerm, KDTerm
-from kdcli.losses.maps import ATTerm, FSPTerm
-from kdcli.losses.spec import FEATURE_KINDS
-from kdcli.losses.vid import VIDTerm
-
-LOGIT_TERMS = {"kd": KDTerm, "ce": CETerm, "dkd": DKDTerm}
-FEATURE_TERMS = {"hint": HintTerm, "at": ATTerm, "fsp": FSPTerm, "ab": ABTerm, "vid": VIDTerm}
+from kdcli.config.losses import FEATURE_KINDS
+from kdcli.losses import hints, logits, maps, vid  # noqa: F401 - importing them registers their terms
+from kdcli.losses.base import TERMS, Layers, Term
 
 
 def build_term(spec, name: str, layers: Layers | None = None, granularity=None) -> Term:
     """The term module of one ``distill.losses`` entry. Feature kinds need ``layers`` (resolved
     paths and shapes); ``granularity`` is a :class:`kdcli.granularity.GranularityMap` or None."""
-    if spec.kind in LOGIT_TERMS:
-        return LOGIT_TERMS[spec.kind](spec, name)
-    assert spec.kind in FEATURE_KINDS and layers is not None
-    return FEATURE_TERMS[spec.kind](spec, name, layers, granularity)
+    cls = TERMS[spec.kind]
+    if spec.kind not in FEATURE_KINDS:
+        return cls(spec, name)
+    assert layers is not None
+    return cls(spec, name, layers, granularity)
 
-
-__all__ = ["Layers", "Term", "build_term", "LOGIT_TERMS", "FEATURE_TERMS"]
+__all__ = ["Layers", "Term", "TERMS", "build_term"]

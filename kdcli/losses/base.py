@@ -20,8 +20,25 @@ from torch import nn
 from kdcli.errors import InputError
 
 
+TERMS: dict[str, type["Term"]] = {}  # recipe kind -> its term class, filled by subclassing
+
+
 class Term(nn.Module):
-    """One loss term of the distillation objective (unweighted; the Distiller applies ``weight``)."""
+    """One loss term of the distillation objective (unweighted; the Distiller applies ``weight``).
+
+    A subclass declares the recipe ``kind`` it implements (``class KDTerm(Term, kind="kd")``) and
+    is registered in :data:`TERMS` by it; its spec is the class of that kind in
+    :mod:`kdcli.config.losses`."""
+
+    kind: str = ""
+
+    def __init_subclass__(cls, kind: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            if kind in TERMS:
+                raise TypeError(f"loss kind {kind!r} is implemented twice ({TERMS[kind].__name__}, {cls.__name__})")
+            cls.kind = kind
+            TERMS[kind] = cls
 
     def __init__(self, name: str, weight: float):
         super().__init__()

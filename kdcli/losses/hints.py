@@ -68,7 +68,7 @@ def hint_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     return (weight * m).sum() / m.numel()
 
 
-class HintTerm(Term):
+class HintTerm(Term, kind="hint"):
     """FitNets (Romero et al. 2015): for each (hint, guided) layer pair, a regressor on the
     student's guided layer fitted to the teacher's hint layer by :func:`hint_loss`; summed over
     pairs. With ``granularity: true`` the teacher layer's channels are weighted and its critical
@@ -122,7 +122,7 @@ def make_connector(cs: int, ct: int, vector: bool) -> nn.Module:
     return nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
 
 
-class ABTerm(Term):
+class ABTerm(Term, kind="ab"):
     """Activation-boundary transfer, summed over layer pairs (see :func:`ab_loss`).
 
     Pre-activation features: ρ(T) = 1[T > 0] is the same before and after a ReLU, so the teacher's

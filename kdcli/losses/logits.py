@@ -46,7 +46,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     return (alpha * tckd + beta * nckd) * (t * t)
 
 
-class KDTerm(Term):
+class KDTerm(Term, kind="kd"):
     """Hinton KD on the teacher's logits (see :func:`kd_loss`)."""
 
     def __init__(self, spec, name: str):
@@ -57,7 +57,7 @@ class KDTerm(Term):
         return kd_loss(s_logits, targets["logits"], self.temperature)
 
 
-class DKDTerm(Term):
+class DKDTerm(Term, kind="dkd"):
     """Decoupled KD (see :func:`dkd_loss`)."""
 
     def __init__(self, spec, name: str):
@@ -68,7 +68,7 @@ class DKDTerm(Term):
         return dkd_loss(s_logits, targets["logits"], y, self.alpha, self.beta, self.temperature)
 
 
-class CETerm(Term):
+class CETerm(Term, kind="ce"):
     """Cross-entropy with the hard labels at T = 1 (the "student loss" of Hinton et al. 2015)."""
 
     def __init__(self, spec, name: str):

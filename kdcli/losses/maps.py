@@ -33,7 +33,7 @@ def at_loss(a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
     return (a_s - a_t).norm(dim=1).mean()
 
 
-class ATTerm(Term):
+class ATTerm(Term, kind="at"):
     """Attention transfer, summed over layer pairs; spatial sizes matched by pooling the larger
     attention map to the smaller size."""
 
@@ -85,7 +85,7 @@ def _channel_adapter(cs: int, ct: int, vector: bool) -> nn.Module:
     return nn.Linear(cs, ct, bias=False) if vector else nn.Conv2d(cs, ct, 1, bias=False)
 
 
-class FSPTerm(Term):
+class FSPTerm(Term, kind="fsp"):
     """FSP: flow matrices between consecutive tapped layers, teacher vs student, summed over the
     consecutive pairs. Layers are paired as for hints; student features whose channel count differs
     from the paired teacher layer's go through a 1x1 adapter first."""

@@ -79,7 +79,7 @@ def fixed_lambda(nt: int, ns: int, mode: str) -> torch.Tensor:
     return lam
 
 
-class VIDTerm(Term):
+class VIDTerm(Term, kind="vid"):
     """VID summed over layer pairs with weights λ_ij (see the module docstring).
 
     ``pairing: pairwise`` uses each student layer's nearest teacher layer only; ``all-to-all``

@@ -21,11 +21,22 @@ defaults to 1.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 LayerSelection = Union[Literal["auto"], list[str]]
+
+# Every loss kind a recipe may name, in the order of definition: the ``@_kind`` decorator below
+# adds a spec class here, and ``LossSpec`` (the tagged union), ``FEATURE_KINDS`` and the error
+# formatting's tag names are derived from it. A new loss is one class here, decorated, plus its
+# term in kdcli/losses (a ``Term`` subclass declared with the same ``kind``).
+LOSS_SPECS: list[type] = []
+
+
+def _kind(cls):
+    LOSS_SPECS.append(cls)
+    return cls
 
 
 class _Term(BaseModel):
@@ -53,6 +64,7 @@ class _FeatureTerm(_Term):
         return v
 
 
+@_kind
 class KD(_Term):
     """Hinton et al. 2015: T² · KL(softmax(t/T) || softmax(s/T))."""
 
@@ -60,6 +72,7 @@ class KD(_Term):
     temperature: float = Field(4.0, gt=0, le=1000)
 
 
+@_kind
 class CE(_Term):
     """Cross-entropy of the student's logits with the hard labels (T = 1)."""
 
@@ -67,6 +80,7 @@ class CE(_Term):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
+@_kind
 class DKD(_Term):
     """Zhao et al. 2022 (decoupled KD): α·TCKD + β·NCKD, each scaled by T²."""
 
@@ -76,6 +90,7 @@ class DKD(_Term):
     temperature: float = Field(4.0, gt=0, le=1000)
 
 
+@_kind
 class Hint(_FeatureTerm):
     """Romero et al. 2015 (FitNets): L2 between a regressor of the student's guided layer and the
     teacher's hint layer."""
@@ -86,6 +101,7 @@ class Hint(_FeatureTerm):
     granularity: bool = False
 
 
+@_kind
 class AT(_FeatureTerm):
     """Zagoruyko & Komodakis 2017: attention transfer with p-th power spatial attention maps."""
 
@@ -93,12 +109,14 @@ class AT(_FeatureTerm):
     p: float = Field(2.0, gt=0, le=16)  # |a|^p of activations overflows float32 far beyond
 
 
+@_kind
 class FSP(_FeatureTerm):
     """Yim et al. 2017: flow-of-solution-procedure matrices between consecutive tapped layers."""
 
     kind: Literal["fsp"] = "fsp"
 
 
+@_kind
 class AB(_FeatureTerm):
     """Heo et al. 2019: activation-boundary margin loss on pre-activation features."""
 
@@ -106,6 +124,7 @@ class AB(_FeatureTerm):
     margin: float = Field(1.0, ge=0, le=1e4)
 
 
+@_kind
 class VID(_FeatureTerm):
     """Ahn et al. 2019: variational information distillation, −log q(t|s) with a Gaussian q."""
 
@@ -125,8 +144,10 @@ class VID(_FeatureTerm):
         return v
 
 
-LossSpec = Annotated[Union[KD, CE, DKD, Hint, AT, FSP, AB, VID], Field(discriminator="kind")]
+LossSpec = Annotated[Union[tuple(LOSS_SPECS)], Field(discriminator="kind")]
 
-FEATURE_KINDS = ("hint", "at", "fsp", "ab", "vid")
+LOSS_KINDS: tuple[str, ...] = tuple(get_args(c.model_fields["kind"].annotation)[0] for c in LOSS_SPECS)
+FEATURE_KINDS: tuple[str, ...] = tuple(get_args(c.model_fields["kind"].annotation)[0] for c in LOSS_SPECS
+                                       if issubclass(c, _FeatureTerm))
 
 DEFAULT_LOSSES = [KD(temperature=4.0, weight=0.9), CE(weight=0.1)]

@@ -28,12 +28,13 @@ from pydantic_core import PydanticCustomError
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from kdcli.data import DataSpec, PythonSource
-from kdcli.ensembles.spec import DiversifiedSpec, SpecialistsSpec
+from kdcli.config.data import SOURCE_KINDS, DataSpec, PythonSource
+from kdcli.config.importance import ImportanceName
+from kdcli.config.ensembles import ENSEMBLE_KINDS, DiversifiedSpec, SpecialistsSpec
 from kdcli.errors import RecipeError
-from kdcli.losses.spec import DEFAULT_LOSSES, LossSpec
+from kdcli.config.losses import DEFAULT_LOSSES, LOSS_KINDS, LossSpec
 from kdcli.models import BUILTIN, builtin_names  # a name list: kdcli.models imports no torch
-from kdcli.train import TrainSpec
+from kdcli.config.train import TrainSpec
 
 
 class Strict(BaseModel):
@@ -127,7 +128,7 @@ class DistillSpec(Strict):
 
 
 class PruneSpec(Strict):
-    importance: Literal["magnitude", "magnitude-l1", "taylor", "activation", "bn-scale"] = "magnitude"
+    importance: ImportanceName = "magnitude"
     steps: int = Field(4, ge=1, le=100)
     max_retries: int = Field(2, ge=0, le=10)
     # a step may cost step_tolerance x target.max_accuracy_drop before later distillation recovers it
@@ -494,10 +495,10 @@ def _clean_loc(loc: tuple, obj: Any) -> tuple:
     return tuple(out)
 
 
-_TAGS = {"kd", "ce", "dkd", "hint", "at", "fsp", "ab", "vid", "str", "int", "float", "bool",
-         "digits", "idx", "cifar10-bin", "image-folder", "tensors", "python",
-         "list[str]", "dict[str,any]", "literal['pruned-teacher']", "none",
-         "single-model", "specialists", "diversified"}
+# Union tags pydantic puts into an error's location: the kinds of each registry, the teacher
+# kinds, and the type names of plain unions. Derived, so a new kind needs no edit here.
+_TAGS = {*LOSS_KINDS, *SOURCE_KINDS, "single-model", *ENSEMBLE_KINDS,
+         "str", "int", "float", "bool", "list[str]", "dict[str,any]", "literal['pruned-teacher']", "none"}
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -646,6 +647,17 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return parse_recipe(text, str(path), path, overrides)
 
 
+def recipe_json_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of a recipe, from the pydantic models: what ``kdcli recipe
+    schema`` prints, for editors (e.g. ``# yaml-language-server: $schema=recipe.schema.json``)."""
+    from kdcli import __version__
+
+    schema = Recipe.model_json_schema(by_alias=True, mode="validation")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"urn:kdcli:schema:recipe:{__version__}",
+            "title": "kdcli recipe", **{k: v for k, v in schema.items() if k != "title"}}
+
+
 def builtin_recipe_path(name: str = "quickstart") -> Path:
     """The path of a recipe shipped inside the package (``kdcli/recipes/NAME.yaml``)."""
-    return Path(__file__).resolve().parent / "recipes" / f"{name}.yaml"
+    return Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml"

@@ -26,7 +26,7 @@ Diversified (the adaptive-granularity design)::
       diversity_weight: 1.0
       granularity: null         # null: computed from each predecessor; or a granularity.json
 
-``TrainSpec`` is the training loop's (:mod:`kdcli.train`), shared with :mod:`kdcli.recipe`.
+``TrainSpec`` is the training loop's (:mod:`kdcli.train`), shared with :mod:`kdcli.config.recipe`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from kdcli.train import TrainSpec
+from kdcli.config.train import TrainSpec
 
 
 class _Strict(BaseModel):
