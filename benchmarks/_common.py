@@ -28,7 +28,7 @@ from torch import nn  # noqa: E402
 
 from kdcli.console import Reporter  # noqa: E402
 from kdcli.errors import TrainingDiverged  # noqa: E402
-from kdcli.train import evaluate, fit  # noqa: E402
+from kdcli.train.loop import evaluate, fit  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 CACHE_DIR = Path(os.environ.get("KDCLI_BENCH_CACHE", "/tmp/kdcli-bench"))
@@ -55,11 +55,11 @@ def teacher_from_cache(path: Path | None, key: str, name: str, device: torch.dev
                        train: Callable[[], tuple[nn.Module, dict, dict]]) -> tuple[nn.Module, dict]:
     """The teacher: the ``.kdc`` file ``path`` if given (``--teacher``), else the cache file
     ``CACHE_DIR/{name}-{key}.kdc`` when it exists, else ``train()`` → ``(model, spec, metrics)``
-    whose result is saved there with :func:`kdcli.checkpoint.save_model_file`.
+    whose result is saved there with :func:`kdcli.models.file.save_model_file`.
 
     ``spec`` holds ``name``, ``args``, ``input_shape``, ``num_classes``. Returns the model (on
     ``device``, eval mode) and ``{"source", "path", "train_seconds", ...metrics}``."""
-    from kdcli.checkpoint import load_model_file, save_model_file
+    from kdcli.models.file import load_model_file, save_model_file
 
     cached = CACHE_DIR / f"{name}-{key}.kdc"
     for src, p in (("--teacher", path), ("cache", cached)):
@@ -114,7 +114,7 @@ def _r(v: float | None, nd: int = 4):
 
 def train_student(run: Run, student: nn.Module, loader, cfg, *, objective=None, extra_modules=(),
                   before_epoch=None, val, test, device: torch.device, more: dict | None = None) -> Run:
-    """Train ``student`` with :func:`kdcli.train.fit` and fill ``run`` with its validation and test
+    """Train ``student`` with :func:`kdcli.train.loop.fit` and fill ``run`` with its validation and test
     accuracy and wall time (and ``run.extra[NAME + "_accuracy"]`` for each of the ``more``
     batches). A :class:`kdcli.errors.TrainingDiverged` (non-finite loss) marks the run
     ``diverged`` with the library's message instead of ending the benchmark: a diverged learning

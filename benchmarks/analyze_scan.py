@@ -1,6 +1,6 @@
 """Benchmark: the pruning-sensitivity scan of ``kdcli analyze`` against plain evaluations.
 
-Runs :func:`kdcli.analysis.analyze` on a CIFAR ResNet-20 (random initialisation, or
+Runs :func:`kdcli.analyze.analysis.analyze` on a CIFAR ResNet-20 (random initialisation, or
 ``--checkpoint`` a kdcli model file) with the first 1,000 CIFAR-10 test images
 (``test_batch_first1000.bin`` of ``../shared/data/cifar10``) and 9 ratios, and times the same
 number of plain evaluations of the unpruned model on the same prepared batches in the same run,
@@ -34,7 +34,7 @@ MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 def cifar_first1000(folder: Path, samples: int):
     """The first ``samples`` test images as a DataBundle whose val split holds them. The file is
     read directly: records of one label byte and 3,072 pixel bytes (R, G, B planes of 32x32)."""
-    from kdcli.data import DataBundle, TensorData
+    from kdcli.data.loader import DataBundle, TensorData
 
     raw = torch.frombuffer(bytearray((folder / "test_batch_first1000.bin").read_bytes()), dtype=torch.uint8)
     rec = raw.view(-1, 1 + 3 * 32 * 32)[:samples]
@@ -57,11 +57,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from kdcli.analysis import analyze
+    from kdcli.analyze.analysis import analyze
     from kdcli.models import build_model
     from kdcli.config.recipe import AnalyzeSpec
-    from kdcli.teacher import ModelInfo, load_model_any
-    from kdcli.train import evaluate, tensor_batches
+    from kdcli.models.file import ModelInfo, load_model_any
+    from kdcli.train.loop import evaluate, tensor_batches
 
     data = cifar_first1000(args.data, args.samples)
     torch.manual_seed(args.seed)
@@ -75,8 +75,8 @@ def main(argv=None) -> int:
     ratios = [round((i + 1) / (args.ratios + 1), 4) for i in range(args.ratios)]
     settings = AnalyzeSpec(ratios=ratios, eval_samples=args.samples)
 
-    from kdcli.prune import StructuredPruner, count_macs_params
-    from kdcli.sensitivity import pruning_sensitivity
+    from kdcli.prune.pruner import StructuredPruner, count_macs_params
+    from kdcli.analyze.sensitivity import pruning_sensitivity
 
     device = torch.device("cpu")
     x, y = data.eval_tensors("val", device, limit=args.samples)

@@ -25,7 +25,7 @@ sums its negative log-likelihood over channels (32-128 here), so w is small. w =
 on the validation split from 0.01, 0.03, 0.1, 0.3, 1 (CE base, 5,000 images); on the kd base at
 5,000 images 0.01 and 0.03 did no better. The test split chose nothing.
 
-Learned λ follows the information per teacher channel (see :mod:`kdcli.losses.vid`);
+Learned λ follows the information per teacher channel (see :mod:`kdcli.distill.losses.vid`);
 ``lambda.collapsed`` flags a student layer whose λ column put ≥ 0.95 on one teacher layer.
 
 Data: CIFAR-10 binary batches; 1,000 training images (seed 0) are held out for validation (which
@@ -68,14 +68,14 @@ import _common as C  # noqa: E402
 
 import torch  # noqa: E402
 
-from kdcli.charts import bar_chart, heatmap, html_page, html_table  # noqa: E402
-from kdcli.data import DataSpec, load_data  # noqa: E402
-from kdcli.distill import Distiller  # noqa: E402
+from kdcli.reports.charts import bar_chart, heatmap, html_page, html_table  # noqa: E402
+from kdcli.data.loader import DataSpec, load_data  # noqa: E402
+from kdcli.distill.distiller import Distiller  # noqa: E402
 from kdcli.config.losses import CE, KD, VID  # noqa: E402
 from kdcli.models import build_model  # noqa: E402
 from kdcli.config.recipe import TrainSpec  # noqa: E402
-from kdcli.run import atomic_write_text  # noqa: E402
-from kdcli.train import evaluate, fit, resolve_device, tensor_batches  # noqa: E402
+from kdcli.files import atomic_write_text  # noqa: E402
+from kdcli.train.loop import evaluate, fit, resolve_device, tensor_batches  # noqa: E402
 
 SEED_STUDY = {"teacher": 0.58, "student": 0.54, "kd": 0.56, "vid_pairwise": "0.58-0.59",
               "vid_all_to_all": "0.58-0.59"}

@@ -5,13 +5,13 @@ Measures training steps per second of Hinton KD + CE (T=4, weights 0.9 / 0.1) wi
 
 - ``baseline``: a hand-written PyTorch loop (teacher forward under no_grad, student forward,
   KD + CE, backward, SGD step);
-- ``kdcli``: the same computation through :class:`kdcli.distill.Distiller` inside
-  :func:`kdcli.train.fit` (no teacher cache); ``ratio`` = kdcli / baseline, target >= 0.9;
+- ``kdcli``: the same computation through :class:`kdcli.distill.distiller.Distiller` inside
+  :func:`kdcli.train.loop.fit` (no teacher cache); ``ratio`` = kdcli / baseline, target >= 0.9;
 - ``kdcli_cached``: with the teacher cache, after the epoch that fills it;
 - ``student_only``: plain cross-entropy training of the student through ``fit``, the cost that a
   cached distillation epoch should approach (``cached_vs_student``).
 
-Both loops read the same :class:`kdcli.data.BatchLoader` batches and neither clips gradients, so
+Both loops read the same :class:`kdcli.data.loader.BatchLoader` batches and neither clips gradients, so
 the difference is the Distiller's own overhead. Variants run alternately for ``--rounds`` rounds
 and the best epoch of each is kept: CPU timings on a shared machine are noisy upwards only, so
 short epochs and many rounds beat long ones. Steps per second of process CPU time
@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdcli.data import BatchLoader, TensorData
-from kdcli.distill import Distiller
+from kdcli.data.loader import BatchLoader, TensorData
+from kdcli.distill.distiller import Distiller
 from kdcli.config.losses import CE, KD
 from kdcli.models import build_model
 from kdcli.config.recipe import TrainSpec
-from kdcli.train import fit
+from kdcli.train.loop import fit
 
 T, W_KD, W_CE, LR = 4.0, 0.9, 0.1, 0.02
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "data_batch_1.bin"

@@ -77,13 +77,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from kdcli import compress as C
+    from kdcli.dkdp import compress as C
     from kdcli.console import Reporter
-    from kdcli.data import load_data
-    from kdcli.prune import StructuredPruner, count_macs_params
+    from kdcli.data.loader import load_data
+    from kdcli.prune.pruner import StructuredPruner, count_macs_params
     from kdcli.config.recipe import load_recipe
-    from kdcli.teacher import load_model_any, save_model, train_teacher
-    from kdcli.train import evaluate, fit, resolve_device, tensor_batches
+    from kdcli.models.file import load_model_any, save_model
+    from kdcli.train.teacher import train_teacher
+    from kdcli.train.loop import evaluate, fit, resolve_device, tensor_batches
 
     case = CASES[args.case]
     overrides = (case["set"] + (case["quick"] if args.quick else []) + (case["full"] if args.full else [])

@@ -14,7 +14,7 @@ cross-architecture benchmark's CNNs, 3 conv + 2 linear, on 10,000 CIFAR-10 train
 - ``independent``: the same loop with ``diversity_weight: 0`` (same members, seeds, budget);
 
 then distils the small student from each with Hinton KD + CE (T=4, 0.9 / 0.1) through
-:class:`kdcli.distill.Distiller`, and trains the same student with cross-entropy alone; students
+:class:`kdcli.distill.distiller.Distiller`, and trains the same student with cross-entropy alone; students
 are trained with ``--student-seeds`` seeds and their accuracies averaged.
 
 Evaluation. CIFAR-10's test file here holds only the first 1,000 official test images (a standard
@@ -56,16 +56,16 @@ from pathlib import Path
 import torch
 
 from kdcli.console import Reporter
-from kdcli.data import DataSpec, load_data
-from kdcli.distill import Distiller
+from kdcli.data.loader import DataSpec, load_data
+from kdcli.distill.distiller import Distiller
 from kdcli.ensembles import build_ensemble_teacher
 from kdcli.ensembles.combine import combine_distributions, combine_objective, expand_specialist
 from kdcli.config.ensembles import DiversifiedSpec, SpecialistsSpec
 from kdcli.config.losses import CE, KD
 from kdcli.models import build_model
 from kdcli.config.recipe import TrainSpec
-from kdcli.teacher import ModelInfo, save_model
-from kdcli.train import evaluate, fit, tensor_batches
+from kdcli.models.file import ModelInfo, save_model
+from kdcli.train.loop import evaluate, fit, tensor_batches
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {

@@ -3,7 +3,7 @@
 Prunes the inner convolution of every residual block (``layerX.Y.conv1``; the residual channels stay,
 see DESIGN.md on zero-padding shortcuts) with torch-pruning to about half the MACs, keeping channel
 counts multiples of ``--round-to`` (8: odd counts cost latency on CPU), exports teacher and student
-with kdcli.export, and times both in onnxruntime at one batch size, alternating, in two independent
+with kdcli.export.onnx, and times both in onnxruntime at one batch size, alternating, in two independent
 repeats. Prints one JSON object:
 
 - ``macs_ratio`` student/teacher, ``speedup`` teacher/student median latency (mean of the repeats),
@@ -28,9 +28,9 @@ import torch_pruning as tp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from kdcli.export import export_onnx, verify_onnx  # noqa: E402
-from kdcli.prune import count_macs_params  # noqa: E402
-from kdcli.latency import default_threads, measure_latency  # noqa: E402
+from kdcli.export.onnx import export_onnx, verify_onnx  # noqa: E402
+from kdcli.prune.pruner import count_macs_params  # noqa: E402
+from kdcli.export.latency import default_threads, measure_latency  # noqa: E402
 from kdcli.models import build_model  # noqa: E402
 
 EFFICIENCY_FLOOR = 0.7

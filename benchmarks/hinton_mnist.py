@@ -59,12 +59,12 @@ import _common as C  # noqa: E402
 
 import torch  # noqa: E402
 
-from kdcli.data import AugmentSpec, DataSpec, load_data  # noqa: E402
-from kdcli.distill import Distiller  # noqa: E402
+from kdcli.data.loader import AugmentSpec, DataSpec, load_data  # noqa: E402
+from kdcli.distill.distiller import Distiller  # noqa: E402
 from kdcli.config.losses import CE, KD  # noqa: E402
 from kdcli.models import build_model  # noqa: E402
 from kdcli.config.recipe import TrainSpec  # noqa: E402
-from kdcli.train import evaluate, fit, resolve_device, tensor_batches  # noqa: E402
+from kdcli.train.loop import evaluate, fit, resolve_device, tensor_batches  # noqa: E402
 
 PAPER = {"teacher": 67, "student_alone": 146, "distilled": 74}  # test errors / 10,000, Hinton et al. 2015
 TEACHER = {"name": "mlp", "args": {"hidden": [1200, 1200], "dropout": 0.5, "input_dropout": 0.2}}

@@ -1,7 +1,7 @@
 """The ``kdcli`` command line: argument parsing, console output and exit codes. No ML logic.
 
-Each command is a thin shell over a library function (``kdcli.compress.compress``,
-``kdcli.export.run_export``, ``kdcli.analysis.analyze``, ...). Heavy imports (torch, onnx)
+Each command is a thin shell over a library function (``kdcli.dkdp.compress.compress``,
+``kdcli.export.onnx.run_export``, ``kdcli.analyze.analysis.analyze``, ...). Heavy imports (torch, onnx)
 happen inside command bodies so that ``kdcli --help`` answers fast.
 
 Exit codes: 0 ok, 1 unexpected failure, 2 bad input or usage, 3 a quality gate was not met,
@@ -97,7 +97,7 @@ def _reporter(json_out: bool):
 
 
 def _emit_json(obj: Any) -> None:
-    from kdcli.run import _json_default
+    from kdcli.files import _json_default
 
     typer.echo(json.dumps(obj, indent=2, default=_json_default))
 
@@ -105,7 +105,7 @@ def _emit_json(obj: Any) -> None:
 def _device(name: Optional[str], recipe=None, threads: Optional[int] = None):
     """The torch device of ``--device`` (else the recipe's), after applying ``--threads``."""
     from kdcli.config.recipe import check_device_string
-    from kdcli.train import resolve_device
+    from kdcli.train.loop import resolve_device
 
     if threads:
         import torch
@@ -179,11 +179,12 @@ def train(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (defau
           device: Optional[str] = DEVICE, set_: Optional[List[str]] = SET, threads: Optional[int] = THREADS,
           json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Train the recipe's teacher from scratch (for users and demos that have no trained model)."""
-    from kdcli.data import load_data
+    from kdcli.data.loader import load_data
     from kdcli.config.recipe import load_recipe
-    from kdcli.teacher import save_model, train_teacher
+    from kdcli.models.file import save_model
+    from kdcli.train.teacher import train_teacher
 
-    from kdcli.run import check_writable_dir
+    from kdcli.files import check_writable_dir
 
     rec = load_recipe(_recipe_path(recipe), set_ or ())
     path = out if out is not None else rec.default_out_dir() / "teacher.kdc"
@@ -220,10 +221,10 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
              device: Optional[str] = DEVICE, set_: Optional[List[str]] = SET, trust: bool = TRUST,
              threads: Optional[int] = THREADS, json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """DKDP: prune structurally and distil the teacher into the student until the recipe's target is met."""
-    from kdcli.compress import compress as run_compress
-    from kdcli.compress import resume_recipe, start_run
+    from kdcli.dkdp.compress import compress as run_compress
+    from kdcli.dkdp.compress import resume_recipe, start_run
 
-    from kdcli.run import RunLock
+    from kdcli.dkdp.run import RunLock
 
     if resume is not None:
         if recipe is not None or set_:
@@ -247,7 +248,7 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
     if json_out:
         _emit_json(result.to_json())
     else:
-        from kdcli.compress_report import summary_table
+        from kdcli.reports.compress import summary_table
 
         rep.print_renderable(summary_table(result))
         rep.info(f"student: {Path(run_dir) / 'student.kdc'}   report: {Path(run_dir) / 'compress_report.html'}")
@@ -276,8 +277,7 @@ NUM_CLASSES = typer.Option(None, "--num-classes", min=1, max=1_000_000, help="Nu
 
 def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional[str], data, trust: bool,
                      input_shape_flag: Optional[str] = None, num_classes_flag: Optional[int] = None):
-    from kdcli.checkpoint import is_model_file
-    from kdcli.teacher import load_model_any
+    from kdcli.models.file import is_model_file, load_model_any
 
     if not Path(path).exists():
         raise InputError(f"{path}: file not found")
@@ -298,7 +298,7 @@ def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional
     if input_shape_flag:
         import math
 
-        from kdcli.checkpoint import MAX_INPUT_DIMS, MAX_INPUT_ELEMENTS
+        from kdcli.models.file import MAX_INPUT_DIMS, MAX_INPUT_ELEMENTS
 
         input_shape = tuple(_split_ints(input_shape_flag, "--input-shape"))
         if len(input_shape) > MAX_INPUT_DIMS or math.prod(input_shape) > MAX_INPUT_ELEMENTS:
@@ -313,7 +313,7 @@ def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional
             raise InputError(f"{path}: a plain checkpoint needs the model's input: --input-shape C,H,W and "
                              "--num-classes N, or --recipe (whose data gives both)")
     from kdcli.models import absolute_spec
-    from kdcli.teacher import recipe_models
+    from kdcli.models.file import recipe_models
 
     # --model names a model on the command line: relative to here; the recipe's, to its folder.
     base = Path.cwd() if model is not None or rec is None else rec.base_dir
@@ -324,7 +324,7 @@ def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional
     if data is not None:  # before any long work: the data must fit the model
         import torch
 
-        from kdcli.teacher import check_model_fits
+        from kdcli.models.file import check_model_fits
 
         check_model_fits(loaded, info, data, torch.zeros(1, *info.input_shape))
     return loaded, info
@@ -344,18 +344,18 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     """Export to ONNX, verify against PyTorch in onnxruntime, and report latency and accuracy."""
     import torch
 
-    from kdcli.export import run_export
+    from kdcli.export.onnx import run_export
     from kdcli.config.recipe import load_recipe
-    from kdcli.teacher import export_info
+    from kdcli.models.file import export_info
 
-    from kdcli.run import check_writable_dir
+    from kdcli.files import check_writable_dir
 
     rec = load_recipe(recipe) if recipe is not None else None
     check_writable_dir(out, "--out")
     rep = _reporter(json_out)
     data = None
     if rec is not None:
-        from kdcli.data import load_data
+        from kdcli.data.loader import load_data
 
         data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)
     s_model, s_info = _load_for_export(student, rec, model, model_args, data, trust, input_shape, num_classes)
@@ -384,7 +384,7 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     if json_out:
         _emit_json({**report, "gate_failures": failures})
     else:
-        from kdcli.report import summary_table
+        from kdcli.reports.export import summary_table
 
         rep.print_renderable(summary_table(report))
         rep.info(f"written: {out / 'student.onnx'}, {out / 'report.md'}, {out / 'report.html'}")
@@ -411,12 +411,12 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
             device: Optional[str] = DEVICE, trust: bool = TRUST, threads: Optional[int] = THREADS,
             json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """What matters in the model: MACs and parameters per layer, importance, activation sensitivity, pruning sensitivity."""
-    from kdcli.analysis import analyze as run_analyze
+    from kdcli.analyze.analysis import analyze as run_analyze
     from kdcli.errors import ModelError
-    from kdcli.analysis_report import render_terminal
+    from kdcli.reports.analysis import render_terminal
     from kdcli.config.recipe import load_recipe
 
-    from kdcli.run import check_writable_dir
+    from kdcli.files import check_writable_dir
 
     rec = load_recipe(recipe) if recipe is not None else None
     if out is not None:
@@ -443,7 +443,7 @@ def _analysis_data(rec, data_flag: Optional[str]):
     if rec is None and data_flag is None:
         return None
     from kdcli.config.data import DataSpec
-    from kdcli.data import load_data
+    from kdcli.data.loader import load_data
 
     if data_flag is not None:
         kind, _, path = data_flag.partition(":")

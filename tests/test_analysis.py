@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from kdcli.analysis import analyze, layer_table
-from kdcli.analysis_report import render_terminal
+from kdcli.analyze.analysis import analyze, layer_table
+from kdcli.reports.analysis import render_terminal
 from kdcli.console import Reporter
-from kdcli.data import DataBundle, TensorData
-from kdcli.granularity import GranularityMap
+from kdcli.data.loader import DataBundle, TensorData
+from kdcli.analyze.granularity import GranularityMap
 from kdcli.config.recipe import AnalyzeSpec
-from kdcli.sensitivity import (activation_statistics, combine_sensitivity, flag_critical, granularity_map,
+from kdcli.analyze.sensitivity import (activation_statistics, combine_sensitivity, flag_critical, granularity_map,
                                pca_redundancy, pruning_sensitivity, suggest_ratios)
-from kdcli.teacher import ModelInfo
+from kdcli.models.file import ModelInfo
 
 FAST = AnalyzeSpec(ratios=[0.0, 0.5], eval_samples=64, critical_fraction=0.25)
 
@@ -91,7 +91,7 @@ def test_layer_macs_and_params_match_hand_counts_and_the_total():
 
 def test_resnet20_per_layer_sum_equals_torch_pruning_total():
     from kdcli.models import build_model
-    from kdcli.prune import count_macs_params
+    from kdcli.prune.pruner import count_macs_params
 
     model = build_model("resnet20", {}, input_shape=(3, 32, 32), num_classes=10)
     x = torch.zeros(1, 3, 32, 32)
@@ -181,8 +181,8 @@ def test_pca_counts_the_directions_a_layer_uses():
 
 
 def test_ratio_zero_keeps_accuracy_and_the_scan_restores_the_model_bit_identically():
-    from kdcli.prune import StructuredPruner, count_macs_params
-    from kdcli.train import evaluate, tensor_batches
+    from kdcli.prune.pruner import StructuredPruner, count_macs_params
+    from kdcli.train.loop import evaluate, tensor_batches
 
     model, data = small_model(), small_data()
     x, y = data.eval_tensors("val")
@@ -257,7 +257,7 @@ def test_outputs_are_written_and_read_back(tmp_path):
     obj = json.loads((tmp_path / "analysis.json").read_text())
     assert obj["schema_version"] == 1 and obj["suggested_ratios"]["target_macs"] == 0.7
     assert obj["suggested_ratios"]["predicted_macs"] <= 0.7 * obj["model"]["macs"] or not obj["suggested_ratios"]["reached"]
-    from kdcli.compress import _suggested_ratios
+    from kdcli.dkdp.compress import _suggested_ratios
 
     assert _suggested_ratios(tmp_path / "analysis.json") == obj["suggested_ratios"]["ratios"]
     rows = list(csv.DictReader((tmp_path / "sensitivity.csv").open()))
@@ -270,9 +270,9 @@ def test_outputs_are_written_and_read_back(tmp_path):
 
 
 def test_static_analysis_of_a_pruned_student_file(tmp_path):
-    from kdcli.checkpoint import save_model_file
-    from kdcli.prune import StructuredPruner
-    from kdcli.teacher import load_model_any
+    from kdcli.models.file import save_model_file
+    from kdcli.prune.pruner import StructuredPruner
+    from kdcli.models.file import load_model_any
 
     model, example = small_model(), torch.zeros(1, 1, 6, 6)
     pruner = StructuredPruner(model, example)
@@ -326,7 +326,7 @@ def _cli(*args):
 
 
 def _mlp_file(tmp_path, input_shape=(1, 8, 8)) -> Path:
-    from kdcli.checkpoint import save_model_file
+    from kdcli.models.file import save_model_file
     from kdcli.models import build_model
 
     torch.manual_seed(0)

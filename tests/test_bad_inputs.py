@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kdcli.checkpoint import save_model_file
+from kdcli.models.file import save_model_file
 from kdcli.cli import app
 from kdcli.models import build_model
 

@@ -1,4 +1,4 @@
-"""Checkpoints (kdcli.checkpoint): safe reading of user files in many layouts, kdcli model files."""
+"""Checkpoints (kdcli.models.file): safe reading of user files in many layouts, kdcli model files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kdcli.checkpoint import (is_model_file, load_model, load_model_file, read_state_dict,
+from kdcli.models.file import (is_model_file, load_model, load_model_file, read_state_dict,
                               save_model_file)
 from kdcli.errors import CheckpointError, ModelError
 from kdcli.models import build_model
@@ -190,7 +190,7 @@ def test_wrong_format_or_version(tmp_path, source):
 
 
 def test_model_file_with_pruned_weights_but_no_history_is_refused(tmp_path, source):
-    from kdcli.prune import StructuredPruner
+    from kdcli.prune.pruner import StructuredPruner
 
     model = build_model(SPEC[0], SPEC[1], input_shape=SHAPE, num_classes=10).eval()
     p = StructuredPruner(model, torch.zeros(1, *SHAPE))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import kdcli.compress as C
+import kdcli.dkdp.compress as C
 from kdcli.config.recipe import builtin_recipe_path
 
 FAST = ["teacher.train.epochs=8", "distill.train.epochs=2", "prune.final_epochs=1", "export.enabled=false",
@@ -118,8 +118,8 @@ def _kl_to(model, other, x) -> float:
 
 
 def test_train_teacher_between_steps_moves_the_teacher_toward_the_student(tmp_path):
-    from kdcli.checkpoint import load_model_file
-    from kdcli.data import load_data
+    from kdcli.models.file import load_model_file
+    from kdcli.data.loader import load_data
 
     res = run(tmp_path, extra=TRAIN_TEACHER)
     kept = [r for r in res.steps if r["accepted"]]
@@ -139,7 +139,7 @@ def test_train_teacher_between_steps_moves_the_teacher_toward_the_student(tmp_pa
     assert any(not torch.equal(a, b) for a, b in zip(original.state_dict().values(), tuned.state_dict().values()))
     assert _kl_to(tuned, student, x) < _kl_to(original, student, x)
     # the budget and the report still measure the original teacher
-    from kdcli.train import evaluate, tensor_batches
+    from kdcli.train.loop import evaluate, tensor_batches
 
     assert res.teacher["val_accuracy"] == pytest.approx(evaluate(original, tensor_batches(x, y))["accuracy"])
 

@@ -107,15 +107,15 @@ def test_the_schema_check_can_fail():
 def test_every_loss_kind_has_one_term_and_every_source_a_reader():
     from kdcli.config.data import SOURCE_KINDS
     from kdcli.config.losses import LOSS_KINDS
-    from kdcli.losses import TERMS
-    from kdcli.sources import READERS
+    from kdcli.distill.losses import TERMS
+    from kdcli.data.sources import READERS
 
     assert set(TERMS) == set(LOSS_KINDS)
     assert set(READERS) == set(SOURCE_KINDS)
 
 
 def test_a_term_kind_cannot_be_implemented_twice():
-    from kdcli.losses.base import Term
+    from kdcli.distill.losses.base import Term
 
     with pytest.raises(TypeError, match="implemented twice"):
         class Again(Term, kind="kd"):  # noqa: F841 - defining it is the test
@@ -125,7 +125,7 @@ def test_a_term_kind_cannot_be_implemented_twice():
 def test_importance_criteria_come_from_one_table():
     from kdcli.config.importance import CRITERIA, NEEDS_DATA
     from kdcli.config.recipe import PruneSpec
-    from kdcli.importance import IMPORTANCES
+    from kdcli.prune.importance import IMPORTANCES
 
     assert IMPORTANCES == tuple(CRITERIA) and NEEDS_DATA == {"taylor", "activation"}
     for name in CRITERIA:
@@ -137,6 +137,6 @@ def test_the_config_package_mixes_no_runtime_code():
     code = ("import sys, pkgutil, importlib, kdcli.config as c\n"
             "for m in pkgutil.iter_modules(c.__path__): importlib.import_module('kdcli.config.' + m.name)\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'numpy', 'torch_pruning', 'onnx')"
-            " or k in ('kdcli.data', 'kdcli.train', 'kdcli.prune', 'kdcli.losses')))")
+            " or k in ('kdcli.data.loader', 'kdcli.train.loop', 'kdcli.prune.pruner', 'kdcli.distill.losses')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

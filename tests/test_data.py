@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcli.data import AugmentSpec, BatchLoader, DataSpec, TensorData, load_data
-from kdcli.sources import read_idx_file, read_source
+from kdcli.data.loader import AugmentSpec, BatchLoader, DataSpec, TensorData, load_data
+from kdcli.data.sources import read_idx_file, read_source
 from kdcli.errors import DataError
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from kdcli.distill import Distiller
+from kdcli.distill.distiller import Distiller
 from kdcli.errors import InputError
-from kdcli.granularity import GranularityMap, LayerGranularity
+from kdcli.analyze.granularity import GranularityMap, LayerGranularity
 from kdcli.config.losses import AB, AT, CE, DKD, FSP, KD, VID, Hint
 from kdcli.models import build_model
-from kdcli.taps import FeatureTaps, auto_layers
+from kdcli.distill.taps import FeatureTaps, auto_layers
 
 
 
@@ -224,9 +224,9 @@ def test_feature_taps_clone_under_inplace_relu():
 
 
 def test_fit_integration_with_batch_loader():
-    from kdcli.data import BatchLoader, TensorData
+    from kdcli.data.loader import BatchLoader, TensorData
     from kdcli.config.recipe import TrainSpec
-    from kdcli.train import fit
+    from kdcli.train.loop import fit
 
     torch.manual_seed(0)
     data = TensorData(torch.randint(0, 255, (64, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (64,)))
@@ -252,9 +252,9 @@ def test_distilled_student_beats_its_undistilled_twin_on_mnist(shared_data):
     import dataclasses
     from pathlib import Path
 
-    from kdcli.data import DataSpec, load_data
+    from kdcli.data.loader import DataSpec, load_data
     from kdcli.config.recipe import TrainSpec
-    from kdcli.train import evaluate, fit, tensor_batches
+    from kdcli.train.loop import evaluate, fit, tensor_batches
 
     spec = DataSpec.model_validate({"source": {"kind": "idx", "path": str(shared_data / "mnist")},
                                     "limit_train": 10000, "limit_eval": 2000, "batch_size": 64})

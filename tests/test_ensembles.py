@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdcli.data import DataBundle, TensorData
+from kdcli.data.loader import DataBundle, TensorData
 from kdcli.ensembles.clusters import class_covariance, confusable_subsets
 from kdcli.ensembles.combine import combine_distributions, combine_gradient, combine_objective, expand_specialist
 from kdcli.ensembles.diversified import AveragedEnsemble, diversification_term, layer_term
@@ -19,7 +19,7 @@ from kdcli.ensembles.diversity import disagreement_rate, linear_cka
 from kdcli.ensembles.specialists import (SpecialistEnsemble, SpecialistTransferLoader, apply_dustbin_correction,
                                          dustbin_correction, specialist_from)
 from kdcli.errors import InputError
-from kdcli.granularity import GranularityMap, LayerGranularity
+from kdcli.analyze.granularity import GranularityMap, LayerGranularity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -333,7 +333,7 @@ def _fast(**kw):
 
 
 def test_build_specialists_teacher_and_model_file_roundtrip(tmp_path):
-    from kdcli.checkpoint import load_model_file, save_model_file
+    from kdcli.models.file import load_model_file, save_model_file
     from kdcli.ensembles import build_ensemble_teacher
     from kdcli.config.ensembles import SpecialistsSpec
 
@@ -358,7 +358,7 @@ def test_build_specialists_teacher_and_model_file_roundtrip(tmp_path):
 
 
 def test_build_diversified_teacher(tmp_path):
-    from kdcli.checkpoint import load_model_file, save_model_file
+    from kdcli.models.file import load_model_file, save_model_file
     from kdcli.ensembles import build_ensemble_teacher
     from kdcli.config.ensembles import DiversifiedSpec
 
@@ -381,7 +381,7 @@ def test_build_diversified_teacher(tmp_path):
 @pytest.mark.slow
 def test_specialist_ensemble_exports_to_onnx(tmp_path):
     # The KL combination is plain tensor ops in a fixed loop: torch.export unrolls it.
-    from kdcli.export import export_onnx, verify_onnx
+    from kdcli.export.onnx import export_onnx, verify_onnx
 
     torch.manual_seed(0)
     g = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
@@ -396,11 +396,11 @@ def test_specialist_ensemble_exports_to_onnx(tmp_path):
 @pytest.mark.slow
 def test_fashion_mnist_generalist_confuses_upper_body_garments(shared_data):
     # A briefly trained generalist's covariance puts Shirt with T-shirt, Pullover or Coat.
-    from kdcli.data import DataSpec, load_data
+    from kdcli.data.loader import DataSpec, load_data
     from kdcli.ensembles.clusters import generalist_clusters
     from kdcli.models import build_model
     from kdcli.config.recipe import TrainSpec
-    from kdcli.train import fit
+    from kdcli.train.loop import fit
 
     torch.set_num_threads(1)
     spec = DataSpec.model_validate({"source": {"kind": "idx", "path": str(shared_data / "fashion_mnist")},

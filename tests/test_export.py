@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-import kdcli.export as export_mod
+import kdcli.export.onnx as export_mod
 from kdcli.errors import ExportError, InputError
-from kdcli.export import export_onnx, onnx_metadata, onnx_size, verify_onnx
-from kdcli.latency import make_session, measure_latency, measure_torch_latency
+from kdcli.export.onnx import export_onnx, onnx_metadata, onnx_size, verify_onnx
+from kdcli.export.latency import make_session, measure_latency, measure_torch_latency
 from kdcli.models import build_model
 
 ARCHS = [("mlp", {"hidden": [32]}, (1, 28, 28)), ("lenet5", {}, (1, 28, 28)), ("vgg", {"width": 0.125}, (3, 32, 32))]

@@ -189,7 +189,7 @@ import io  # noqa: E402 - the loader fuzzing below is its own section
 
 import torch  # noqa: E402
 
-from kdcli.checkpoint import load_model_file, read_state_dict, save_model_file  # noqa: E402
+from kdcli.models.file import load_model_file, read_state_dict, save_model_file  # noqa: E402
 from kdcli.errors import InputError  # noqa: E402
 
 _KDC_FIELDS = ["format", "format_version", "model", "model.name", "model.args", "model.input_shape",
@@ -204,7 +204,7 @@ _junk = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10
 @pytest.fixture(scope="module")
 def kdc_blob(tmp_path_factory):
     from kdcli.models import build_model
-    from kdcli.prune import StructuredPruner
+    from kdcli.prune.pruner import StructuredPruner
 
     torch.manual_seed(0)
     model = build_model("mlp", {"hidden": [8]}, input_shape=(1, 4, 4), num_classes=3)

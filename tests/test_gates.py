@@ -7,7 +7,7 @@ import math
 import pytest
 
 from kdcli.errors import EXIT_GATE, GateError, InputError
-from kdcli.gates import METRICS, check_gates, enforce_gates, metric_value, parse_gate
+from kdcli.reports.gates import METRICS, check_gates, enforce_gates, metric_value, parse_gate
 
 
 def _stats(ms):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from kdcli.losses.base import nearest_teacher, per_channel_loss
-from kdcli.losses.hints import ab_loss, hint_loss, make_regressor
-from kdcli.losses.logits import dkd_loss, kd_loss
-from kdcli.losses.maps import at_loss, attention_map, fsp_loss, fsp_matrix
+from kdcli.distill.losses.base import nearest_teacher, per_channel_loss
+from kdcli.distill.losses.hints import ab_loss, hint_loss, make_regressor
+from kdcli.distill.losses.logits import dkd_loss, kd_loss
+from kdcli.distill.losses.maps import at_loss, attention_map, fsp_loss, fsp_matrix
 from kdcli.config.losses import DEFAULT_LOSSES, KD, VID, LossSpec
-from kdcli.losses.vid import VIDRegressor, fixed_lambda, vid_nll
+from kdcli.distill.losses.vid import VIDRegressor, fixed_lambda, vid_nll
 
 
 def softmax(v):
@@ -221,7 +221,7 @@ def test_spec_parsing_and_defaults():
 
 
 def test_gaussian_entropy_by_hand():
-    from kdcli.losses.vid import gaussian_entropy
+    from kdcli.distill.losses.vid import gaussian_entropy
 
     # channel 0: values 1, 3 -> variance 1; channel 1: values 0, 4 -> variance 4 (over samples)
     t = torch.tensor([[1.0, 0.0], [3.0, 4.0]])

@@ -1,4 +1,4 @@
-"""Structured pruning (kdcli.prune): MAC counts, groups, importance, plans, τ search, history."""
+"""Structured pruning (kdcli.prune.pruner): MAC counts, groups, importance, plans, τ search, history."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli.checkpoint import load_model_file, save_model_file
+from kdcli.models.file import load_model_file, save_model_file
 from kdcli.errors import InputError, ModelError
 from kdcli.models import build_model
-from kdcli.prune import StructuredPruner, count_macs_params, replay_history
+from kdcli.prune.pruner import StructuredPruner, count_macs_params, replay_history
 
 
 def _build(name, shape, **args):
@@ -390,7 +390,7 @@ def test_fill_to_macs_lands_near_the_aim_in_round_to_blocks():
 def test_a_probe_overflowed_by_its_weights_does_not_exclude_the_groups_of_later_models():
     """The coupling probe's verdict is cached per structure; one that these weights made
     non-finite (an MLP scaled by 1e25) must not keep every later MLP of that shape unpruned."""
-    from kdcli.prune import StructuredPruner
+    from kdcli.prune.pruner import StructuredPruner
 
     def mlp(scale):
         torch.manual_seed(0)

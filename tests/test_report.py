@@ -11,11 +11,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from kdcli.charts import bar_chart, heatmap, histogram, html_page, html_table, line_chart
+from kdcli.reports.charts import bar_chart, heatmap, histogram, html_page, html_table, line_chart
 from kdcli.errors import GateError, InputError
-from kdcli.export import run_export
+from kdcli.export.onnx import run_export
 from kdcli.models import build_model
-from kdcli.report import REPORT_SCHEMA, render_html, render_markdown, summary_table, validate, validate_report
+from kdcli.reports.export import REPORT_SCHEMA, render_html, render_markdown, summary_table, validate, validate_report
 
 SHAPE = (1, 8, 8)
 
@@ -136,7 +136,7 @@ def test_run_export_without_data_or_teacher_notes_random_verification(tmp_path):
     assert validate(report, REPORT_SCHEMA) == []
     assert "<svg" in (tmp_path / "report.html").read_text()
     with pytest.raises(InputError, match="gate 'speedup < 2'.*teacher"):
-        from kdcli.gates import check_gates
+        from kdcli.reports.gates import check_gates
 
         check_gates(report, ["speedup < 2"])
     with pytest.raises(InputError, match="bogus"):  # a typo fails before any export

@@ -15,11 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import kdcli.compress as C
+import kdcli.dkdp.compress as C
 from kdcli.cli import app
 from kdcli.errors import InputError
 from kdcli.config.recipe import builtin_recipe_path
-from kdcli.run import RunLock, check_writable_dir
+from kdcli.dkdp.run import RunLock
+from kdcli.files import check_writable_dir
 
 FAST = ["teacher.train.epochs=4", "distill.train.epochs=1", "prune.final_epochs=1", "prune.steps=3",
         "export.enabled=false", "device=cpu"]
@@ -33,7 +34,7 @@ def _start(tmp_path, name="run", extra=(), overwrite=False):
 
 def _holder(run_dir: Path) -> subprocess.Popen:
     """Another process that holds the run directory's lock until killed."""
-    code = ("import sys, time; from kdcli.run import RunLock; RunLock.acquire(sys.argv[1]); "
+    code = ("import sys, time; from kdcli.dkdp.run import RunLock; RunLock.acquire(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
@@ -145,7 +146,7 @@ def _bytes(run_dir: Path) -> bytes:
 def _killed_at(tmp_path, name, where: str, n: int) -> Path:
     """A run killed (KeyboardInterrupt) at the ``n``-th call of ``where``: ``state`` (just after
     ``state.json`` is written: a step boundary) or ``batch`` (a distillation step, mid-epoch)."""
-    from kdcli.distill import Distiller
+    from kdcli.distill.distiller import Distiller
 
     calls = {"n": 0}
     if where == "state":

@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kdcli.checkpoint import FORMAT, load_model_file, save_model_file
+from kdcli.models.file import FORMAT, load_model_file, save_model_file
 from kdcli.cli import app
 from kdcli.errors import CheckpointError
 from kdcli.models import build_model
@@ -94,7 +94,7 @@ def _crafted(tmp_path: Path, sentinel: Path) -> dict[str, Path]:
                                       "members": 1}),
         "nested-generalist": _kdc(d / "gen.kdc", name="kdcli.ensembles.build:specialist_ensemble",
                                   args={"generalist": {"name": "evil.py:factory", "args": {}}, "subsets": [[0, 1]]}),
-        "other-kdcli-function": _kdc(d / "kdfn.kdc", name="kdcli.run:atomic_write_text",
+        "other-kdcli-function": _kdc(d / "kdfn.kdc", name="kdcli.files:atomic_write_text",
                                      args={"path": str(sentinel), "text": "x"}),
     }
     reduce_kdc = d / "reduce.kdc"
@@ -114,7 +114,7 @@ def crafted(tmp_path):
 
 CODE_NAMES = {"os-system": "os:system", "builtins-exec": "builtins:exec", "relative-file": "evil.py:factory",
               "absolute-file": "evil.py:factory", "ensemble-member": "os:system",
-              "nested-generalist": "evil.py:factory", "other-kdcli-function": "kdcli.run:atomic_write_text"}
+              "nested-generalist": "evil.py:factory", "other-kdcli-function": "kdcli.files:atomic_write_text"}
 
 
 def test_library_refuses_every_crafted_file(crafted):
@@ -232,7 +232,7 @@ def test_malformed_contents_are_named(tmp_path, label, changes, expected):
 
 
 def test_history_indices_in_range_still_replay(tmp_path):
-    from kdcli.prune import StructuredPruner
+    from kdcli.prune.pruner import StructuredPruner
 
     model = _mlp()
     pruner = StructuredPruner(model, torch.zeros(1, *SHAPE))

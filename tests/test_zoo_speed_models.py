@@ -13,13 +13,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from kdcli.checkpoint import load_model_file, save_model_file
+from kdcli.models.file import load_model_file, save_model_file
 from kdcli.errors import ModelError
-from kdcli.export import export_onnx, verify_onnx
+from kdcli.export.onnx import export_onnx, verify_onnx
 from kdcli.models import build_model
 from kdcli.models.mobilenet import InvertedResidual, SqueezeExcitation
 from kdcli.models.vit import Attention
-from kdcli.prune import StructuredPruner, count_macs_params
+from kdcli.prune.pruner import StructuredPruner, count_macs_params
 
 CLASSES = 10
 

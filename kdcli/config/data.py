@@ -1,6 +1,6 @@
 """The recipe's ``data:`` section: the sources (one model per ``kind``), normalisation,
-augmentation and batch sizes. Schema only, torch-free; reading the data is :mod:`kdcli.data`
-and :mod:`kdcli.sources`."""
+augmentation and batch sizes. Schema only, torch-free; reading the data is :mod:`kdcli.data.loader`
+and :mod:`kdcli.data.sources`."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ Diversified (the adaptive-granularity design)::
       diversity_weight: 1.0
       granularity: null         # null: computed from each predecessor; or a granularity.json
 
-``TrainSpec`` is the training loop's (:mod:`kdcli.train`), shared with :mod:`kdcli.config.recipe`.
+``TrainSpec`` is the training loop's (:mod:`kdcli.train.loop`), shared with :mod:`kdcli.config.recipe`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The channel-importance criteria a recipe may name (``prune.importance``), and which of them
 need data: the one list that the schema, the pruner, ``analyze`` and ``compress`` read.
-Their computation is :mod:`kdcli.importance`."""
+Their computation is :mod:`kdcli.prune.importance`."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Each entry of ``distill.losses`` is one weighted term of the distillation object
 ``kind``. The total loss is ``Σ weight_k · term_k``. Logit terms (kd, ce, dkd) need no layers;
 feature terms (hint, at, fsp, ab, vid) name teacher and student layers by module path
 (``model.get_submodule`` paths such as ``layer2`` or ``features.3``) or ``auto`` (the output of
-each top-level stage, see :func:`kdcli.taps.auto_layers`); a single path may be given as a string::
+each top-level stage, see :func:`kdcli.distill.taps.auto_layers`); a single path may be given as a string::
 
     distill:
       losses:

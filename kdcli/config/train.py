@@ -1,4 +1,4 @@
-"""A training phase's settings (a recipe's ``train:``), read by :func:`kdcli.train.fit`. Torch-free."""
+"""A training phase's settings (a recipe's ``train:``), read by :func:`kdcli.train.loop.fit`. Torch-free."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Build an ensemble teacher from its recipe spec, and rebuild one from a kdcli model file.
 
-:func:`build_ensemble_teacher` is what ``kdcli.teacher.obtain_teacher`` calls for
+:func:`build_ensemble_teacher` is what ``kdcli.train.teacher.obtain_teacher`` calls for
 ``teacher: {ensemble: ...}``. The returned info names a model factory of this module
 (``kdcli.ensembles.build:specialist_ensemble`` / ``:averaged_ensemble``) with JSON-like args, so
-that ``kdcli.teacher.save_model`` writes the ensemble as an ordinary ``.kdc`` file which
-``kdcli.checkpoint.load_model_file`` rebuilds (structure from the args, weights from the state
+that ``kdcli.train.teacher.save_model`` writes the ensemble as an ordinary ``.kdc`` file which
+``kdcli.models.file.load_model_file`` rebuilds (structure from the args, weights from the state
 dict: the dustbin corrections live in the specialists' head biases).
 """
 
@@ -30,7 +30,7 @@ DIVERSITY_SAMPLES = 2000
 
 def _build_member(spec: dict, input_shape, num_classes: int) -> nn.Module:
     from kdcli.models import build_model
-    from kdcli.prune import replay_history
+    from kdcli.prune.pruner import replay_history
 
     model = build_model(spec["name"], spec.get("args") or {}, input_shape=input_shape, num_classes=num_classes)
     model.eval()
@@ -54,7 +54,7 @@ def averaged_ensemble(input_shape, num_classes: int, *, member: dict, members: i
 
 
 def _accuracies(model: nn.Module, data, device) -> dict:
-    from kdcli.train import evaluate, tensor_batches
+    from kdcli.train.loop import evaluate, tensor_batches
 
     out = {"val_accuracy": evaluate(model, tensor_batches(*data.eval_tensors("val", device)), device)["accuracy"]}
     if data.test is not None:
@@ -64,8 +64,8 @@ def _accuracies(model: nn.Module, data, device) -> dict:
 
 def _generalist(spec, data, device, reporter: Reporter, base_dir: Path, seed: int) -> tuple[nn.Module, dict]:
     from kdcli.models import build_model
-    from kdcli.teacher import load_model_any
-    from kdcli.train import fit
+    from kdcli.models.file import load_model_any
+    from kdcli.train.loop import fit
 
     g = spec.generalist
     if g.checkpoint:
@@ -112,9 +112,9 @@ def _specialists(spec, data, device, reporter, base_dir, seed):
 
 
 def _diversified(spec, data, device, reporter, base_dir, seed):
-    from kdcli.granularity import GranularityMap
+    from kdcli.analyze.granularity import GranularityMap
     from kdcli.models import build_model
-    from kdcli.taps import auto_layers
+    from kdcli.distill.taps import auto_layers
 
     name = absolute_spec(spec.model, base_dir)
     build = lambda i: build_model(name, spec.model_args, input_shape=data.input_shape,  # noqa: E731
@@ -148,7 +148,7 @@ def build_ensemble_teacher(spec, data, device: torch.device, reporter: Reporter 
     :func:`kdcli.models.build_model`; ``metadata`` holds ``role``, ``ensemble_label``, accuracies
     and ``ensemble`` (clusters and specialists' corrections, or diversity). When ``run_dir`` is
     given, the ``ensemble`` report is also written there as ``ensemble.json``."""
-    from kdcli.run import atomic_write_json
+    from kdcli.files import atomic_write_json
 
     reporter = reporter or Reporter(quiet=True)
     device = torch.device(device)

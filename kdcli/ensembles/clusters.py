@@ -114,7 +114,7 @@ def generalist_clusters(generalist: nn.Module, data, *, num_specialists: int, su
                         samples: int = 10_000, device: torch.device | None = None, seed: int = 0,
                         cluster_on: str = "correlation") -> ClassClusters:
     """The confusable subsets of ``generalist`` on (the first ``samples`` of) the training split
-    of ``data`` (a :class:`kdcli.data.DataBundle`), the transfer set. For ``kdcli analyze`` too."""
+    of ``data`` (a :class:`kdcli.data.loader.DataBundle`), the transfer set. For ``kdcli analyze`` too."""
     device = device or next(generalist.parameters()).device
     x, _ = data.eval_tensors("train", device, limit=samples)
     probs = predicted_probabilities(generalist, [(x[i:i + 512],) for i in range(0, len(x), 512)], device)

@@ -4,11 +4,11 @@ Member 0 is trained with cross-entropy. Member i > 0 is trained with
 
     loss_i = CE(z_i, y) + λ · D(f_i, f_{i−1}),
 
-where f are the features of the tapped layers (:mod:`kdcli.taps`; ``auto`` = each stage's
+where f are the features of the tapped layers (:mod:`kdcli.distill.taps`; ``auto`` = each stage's
 output) of member i and of the frozen member i−1, and D is :func:`diversification_term`:
 a granularity-weighted feature-matching term whose *granularity* decides where the members may
 differ. Per layer with C features and the granularity map's weights w_c and critical flags
-(:mod:`kdcli.granularity`, from activation-sensitivity analysis),
+(:mod:`kdcli.analyze.granularity`, from activation-sensitivity analysis),
 
     D_layer = (1/C) Σ_c w_c · m_c,
     m_c = MSE(f_i,c , f_{i−1},c)                     for a non-critical feature (precise);
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcli.errors import InputError
-from kdcli.granularity import GranularityMap
-from kdcli.taps import FeatureTaps
+from kdcli.analyze.granularity import GranularityMap
+from kdcli.distill.taps import FeatureTaps
 
 
 def _per_channel(a: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ def diversification_term(f_new: dict[str, torch.Tensor], f_prev: dict[str, torch
 def diversified_objective(model: nn.Module, prev: nn.Module, layers: Sequence[str], weight: float,
                           granularity: GranularityMap | None = None, label_smoothing: float = 0.0):
     """The step objective ``(x, y, idx) -> (loss, logits, parts)`` of member i for
-    :func:`kdcli.train.fit`: CE + ``weight`` · D against the frozen ``prev``."""
+    :func:`kdcli.train.loop.fit`: CE + ``weight`` · D against the frozen ``prev``."""
     prev.eval()
     for p in prev.parameters():
         p.requires_grad_(False)
@@ -113,8 +113,8 @@ def diversified_objective(model: nn.Module, prev: nn.Module, layers: Sequence[st
 
 def predecessor_granularity(prev: nn.Module, layers: Sequence[str], batches, critical_fraction: float) -> GranularityMap:
     """The granularity map of ``prev`` on ``batches`` of ``(x, ...)``: activation sensitivity of
-    each tapped feature, the top ``critical_fraction`` critical (:mod:`kdcli.sensitivity`)."""
-    from kdcli.sensitivity import activation_statistics, granularity_map
+    each tapped feature, the top ``critical_fraction`` critical (:mod:`kdcli.analyze.sensitivity`)."""
+    from kdcli.analyze.sensitivity import activation_statistics, granularity_map
 
     stats = activation_statistics(prev, batches, list(layers))
     return granularity_map(stats, critical_fraction=critical_fraction)
@@ -125,14 +125,14 @@ def train_diversified(build: Callable[[int], nn.Module], data, cfg, *, members: 
                       critical_fraction: float = 0.25, sensitivity_samples: int = 1024, device=None,
                       seed: int = 0, progress: Callable[[int, dict], None] | None = None) -> tuple[list[nn.Module], list[dict]]:
     """Train ``members`` models from ``build(i)`` in sequence on ``data`` (a DataBundle) with
-    :func:`kdcli.train.fit` and ``cfg`` (a TrainSpec): member 0 with cross-entropy, member i with
+    :func:`kdcli.train.loop.fit` and ``cfg`` (a TrainSpec): member 0 with cross-entropy, member i with
     :func:`diversified_objective` against member i−1. ``granularity`` None computes the map from
     each predecessor on the first ``sensitivity_samples`` validation samples
     (:func:`predecessor_granularity`); ``weight`` 0 trains independent members with the same loop.
     Member i uses seed ``seed + i`` for its initialisation and data order. Returns the members in
     eval mode and per member ``{"member", "seconds", "train_loss", "critical_features"}``."""
-    from kdcli.taps import auto_layers
-    from kdcli.train import fit
+    from kdcli.distill.taps import auto_layers
+    from kdcli.train.loop import fit
 
     device = torch.device(device or "cpu")
     trained: list[nn.Module] = []

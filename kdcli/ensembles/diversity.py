@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from kdcli.taps import FeatureTaps
+from kdcli.distill.taps import FeatureTaps
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from kdcli.data import BatchLoader, DataBundle, TensorData
+from kdcli.data.loader import BatchLoader, DataBundle, TensorData
 from kdcli.ensembles.combine import combine_distributions, expand_specialist
 from kdcli.errors import InputError, ModelError
 
@@ -78,8 +78,8 @@ class SpecialistTransferLoader:
     ``subset``, or ``len(subset)`` (the dustbin) for every other class.
 
     The other half is redrawn each epoch (without replacement, seeded by ``seed + epoch``) by
-    :meth:`set_epoch`, which :func:`kdcli.train.fit` calls; each epoch is a
-    :class:`kdcli.data.BatchLoader` over a :class:`kdcli.data.TensorData` subset of the training
+    :meth:`set_epoch`, which :func:`kdcli.train.loop.fit` calls; each epoch is a
+    :class:`kdcli.data.loader.BatchLoader` over a :class:`kdcli.data.loader.TensorData` subset of the training
     split (so normalisation and augmentation are the recipe's). ``idx`` indexes that epoch's
     subset, not the split: do not cache per index across epochs."""
 
@@ -155,10 +155,10 @@ def apply_dustbin_correction(specialist: nn.Module, correction: float, outputs: 
 def train_specialist(generalist: nn.Module, subset: Sequence[int], data: DataBundle, cfg, *, device,
                      seed: int = 0, progress=None) -> tuple[nn.Module, dict]:
     """Build (:func:`specialist_from`), train (cross-entropy on :class:`SpecialistTransferLoader`,
-    with :func:`kdcli.train.fit` and ``cfg`` a TrainSpec) and correct (:func:`dustbin_correction`)
+    with :func:`kdcli.train.loop.fit` and ``cfg`` a TrainSpec) and correct (:func:`dustbin_correction`)
     one specialist. Returns it in eval mode and ``{"subset", "correction", "counts", "val_accuracy"}``
     (accuracy on the validation samples, specialist labels, with the natural class mix)."""
-    from kdcli.train import evaluate, fit
+    from kdcli.train.loop import evaluate, fit
 
     torch.manual_seed(seed)
     model = specialist_from(generalist, subset, data.num_classes).to(device)
@@ -195,7 +195,7 @@ class SpecialistEnsemble(nn.Module):
     ONNX: the combination is plain tensor ops in a loop of fixed length, which the
     torch.export-based exporter unrolls, so export works (checked against onnxruntime in the
     tests); the graph grows with ``steps``, and so does export time. Should an exporter reject
-    a user's specialists, :func:`kdcli.export.export_onnx` raises ExportError naming both
+    a user's specialists, :func:`kdcli.export.onnx.export_onnx` raises ExportError naming both
     exporters' reasons."""
 
     def __init__(self, generalist: nn.Module, specialists: Sequence[nn.Module], subsets: Sequence[Sequence[int]],

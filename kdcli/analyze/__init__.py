@@ -1,0 +1,1 @@
+"""Analysis: per-layer figures, importance, activation sensitivity, PCA, granularity and pruning-sensitivity scans."""

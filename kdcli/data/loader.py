@@ -1,0 +1,302 @@
+"""Data: reading the recipe's ``data:`` section (its schema is :mod:`kdcli.config.data`), and a fast in-memory batch loader.
+
+Every source is read once into tensors (``uint8`` for image files, so that CIFAR-10's 50,000
+training images take 150 MB), split into train/val with the recipe's seed, and served by
+:class:`BatchLoader`, which slices batches from a seeded permutation and converts, augments and
+normalises whole batches with tensor ops on the target device (no worker processes).
+
+Sources: scikit-learn's bundled 8x8 ``digits`` (the default, no download), MNIST-style IDX
+files, the CIFAR-10 binary version, a folder of images with one sub-folder per class, a tensor
+file (``.pt`` read with ``weights_only=True``, or ``.npz``) and a user ``module:function``.
+The readers live in :mod:`kdcli.data.sources`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kdcli.config.data import AugmentSpec, DataSpec, NormalizeStats
+from kdcli.data.sources import read_source
+from kdcli.data.tensors import TensorData
+from kdcli.errors import DataError
+
+# ----------------------------------------------------------------------------- tensors in memory
+
+
+_DEVICE_COPY_LIMIT = 2 << 30  # splits up to 2 GiB are copied to the accelerator whole, once
+
+
+def translate(x: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor) -> torch.Tensor:
+    """Shift each image of ``x`` [B, C, H, W] by its own (dy, dx) pixels, filling with zeros.
+
+    ``shift_y``/``shift_x`` are int64 [B] on ``x``'s device. A random crop of size (H, W) from
+    the image zero-padded by p is ``translate`` by offsets uniform in [-p, p]. Loop-free: one
+    gather from the padded batch.
+    """
+    b, c, h, w = x.shape
+    p = int(max(shift_y.abs().max().item(), shift_x.abs().max().item(), 0)) if b else 0
+    if p == 0:
+        return x
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    rows = (p - shift_y)[:, None] + torch.arange(h, device=x.device)  # [B, H]
+    cols = (p - shift_x)[:, None] + torch.arange(w, device=x.device)  # [B, W]
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class BatchLoader:
+    """Iterates ``(x, y, idx)`` batches of one split: float inputs normalised on ``device``, int64
+    labels on ``device``, and int64 indices into the split (on the CPU) for caching per sample.
+
+    With ``train=True`` the order is a permutation drawn from ``seed + epoch`` (:meth:`set_epoch`)
+    and augmentation applies; shards for ``rank``/``world_size`` take every ``world_size``-th
+    index of the same permutation, padded by wrapping around to equal length (like
+    ``DistributedSampler``). With ``train=False`` the order is the split's, unpadded (so that
+    sums over ranks count each sample once), and nothing is augmented.
+    """
+
+    def __init__(self, data: TensorData, *, batch_size: int, train: bool, mean, std, scale: float,
+                 augment: AugmentSpec | None = None, device="cpu", seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.data, self.batch_size, self.train = data, int(batch_size), train
+        self.device = torch.device(device)
+        self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
+        self.scale = scale
+        self.augment = augment if (train and augment is not None) else AugmentSpec()
+        shape = (1, -1) + (1,) * (data.x.dim() - 2)
+        self._mean = torch.as_tensor(mean, dtype=torch.float32).view(shape).to(self.device)
+        self._std = torch.as_tensor(std, dtype=torch.float32).view(shape).to(self.device)
+        self.epoch = 0
+
+    @property
+    def augmented(self) -> bool:
+        """True when batches are augmented (train=True and any augmentation switched on)."""
+        return self.train and self.augment.active
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the permutation (and augmentation draws) of this epoch."""
+        self.epoch = int(epoch)
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.data)
+        if not self.train:
+            return torch.arange(n)[self.rank::self.world_size]
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(n, generator=g)
+        per_rank = math.ceil(n / self.world_size) if n else 0
+        if per_rank * self.world_size > n:
+            perm = torch.cat([perm, perm.repeat(math.ceil(per_rank * self.world_size / n))])[: per_rank * self.world_size]
+        return perm[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        n, ws = len(self.data), self.world_size
+        n = math.ceil(n / ws) if self.train else max(0, math.ceil((n - self.rank) / ws))
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        idx_all = self._indices()
+        x_all, y_all = self.data.x, self.data.y
+        whole_on_device = (self.device.type != "cpu"
+                           and x_all.numel() * x_all.element_size() <= _DEVICE_COPY_LIMIT)
+        if whole_on_device:
+            x_all, y_all = self.data.on(self.device)
+        g = torch.Generator().manual_seed((self.seed + self.epoch) * 7919 + self.rank + 1)
+        for s in range(0, len(self), 1):
+            idx = idx_all[s * self.batch_size:(s + 1) * self.batch_size]
+            if whole_on_device:
+                dev_idx = idx.to(self.device, non_blocking=True)
+                x, y = x_all[dev_idx], y_all[dev_idx]
+            else:
+                x, y = x_all[idx], y_all[idx]
+                if self.device.type == "cuda":
+                    x, y = x.pin_memory(), y.pin_memory()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield self._prepare(x, g), y, idx
+
+    def _prepare(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        x = x.float()
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.augmented:
+            x = augment_batch(x, self.augment, g)
+        return (x - self._mean) / self._std
+
+
+def augment_batch(x: torch.Tensor, spec: AugmentSpec, g: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding), jitter and horizontal flip of ``x`` [B, C, H, W] in [0, 1] scale.
+
+    Random numbers come from the CPU generator ``g``, so a seed gives the same batches on any device.
+    """
+    b = x.shape[0]
+    for p in (spec.crop_padding, spec.jitter):
+        if p:
+            dy = torch.randint(-p, p + 1, (b,), generator=g).to(x.device)
+            dx = torch.randint(-p, p + 1, (b,), generator=g).to(x.device)
+            x = translate(x, dy, dx)
+    if spec.hflip:
+        flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+# ----------------------------------------------------------------------------- the bundle
+
+
+@dataclass
+class DataBundle:
+    """The splits of a data set and what a model and its export need to know about them.
+
+    ``mean``/``std`` are per channel (per feature for ``[N, D]`` data) in the [0, 1] scale:
+    a model sees ``(x * scale - mean) / std`` where ``scale`` is 1/255 for uint8 inputs.
+    """
+
+    train: TensorData
+    val: TensorData
+    test: TensorData | None
+    num_classes: int
+    input_shape: tuple[int, ...]
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    description: str
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    scale: float = 1.0
+    batch_size: int = 128
+    eval_batch_size: int = 512
+
+    def split(self, name: str) -> TensorData:
+        """The split called ``train``, ``val`` or ``test``."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}: expected train, val or test")
+        data = getattr(self, name)
+        if data is None:
+            raise DataError(f"data: this source has no {name} split ({self.description})")
+        return data
+
+    def loader(self, split: str, *, train: bool, batch_size: int | None = None, device="cpu",
+               seed: int = 0, rank: int | None = None, world_size: int | None = None,
+               drop_last: bool = False) -> BatchLoader:
+        """A :class:`BatchLoader` over ``split``; ``batch_size`` defaults to the recipe's
+        ``batch_size`` (train=True) or ``eval_batch_size``. ``rank``/``world_size`` default to
+        the process group's when torch.distributed is initialised (under ``torchrun``), so each
+        rank trains on its own shard of the same seeded permutation."""
+        if rank is None or world_size is None:
+            rank, world_size = _rank_and_world()
+        bs = batch_size or (self.batch_size if train else self.eval_batch_size)
+        return BatchLoader(self.split(split), batch_size=bs, train=train, mean=self.mean, std=self.std,
+                           scale=self.scale, augment=self.augment, device=device, seed=seed, rank=rank,
+                           world_size=world_size, drop_last=drop_last)
+
+    def eval_tensors(self, split: str, device="cpu", limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of ``split`` (its first ``limit`` samples) as normalised float inputs and int64 labels on ``device``."""
+        data = self.split(split)
+        n = len(data) if limit is None else min(limit, len(data))
+        sub = BatchLoader(TensorData(data.x[:n], data.y[:n]), batch_size=max(n, 1), train=False,
+                          mean=self.mean, std=self.std, scale=self.scale, device=device)
+        for x, y, _ in sub:
+            return x, y
+        dev = torch.device(device)
+        return torch.zeros((0, *self.input_shape), device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def load_data(spec: DataSpec, *, base_dir: Path, seed: int) -> DataBundle:
+    """Read the source of ``spec``, split off validation with ``seed``, apply the limits and compute
+    the normalisation. Relative paths resolve against ``base_dir`` (the recipe's folder)."""
+    train, test, names, what = read_source(spec.source_spec, Path(base_dir))
+    num_classes = _check_labels(train, test, names, what)
+    if not names:
+        names = [str(i) for i in range(num_classes)]
+    if spec.augment.active and train.x.dim() != 4:
+        raise DataError(f"data.augment: needs image data [N, C, H, W], but {what} has shape {list(train.x.shape)}")
+    if test is not None and len(test) == 0:
+        test = None
+    for split, part in (("training", train), ("test", test)):
+        _check_finite_inputs(part, split, what)
+    n = len(train)
+    n_val = max(1, round(n * spec.val_fraction)) if spec.val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise DataError(f"data.val_fraction: {what} has {n} training samples; val_fraction {spec.val_fraction} "
+                        "leaves none for training")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    if spec.limit_train is not None:
+        train_idx = train_idx[: spec.limit_train]
+    if spec.limit_eval is not None:
+        val_idx = val_idx[: spec.limit_eval]
+        if test is not None:
+            test = test.subset(torch.arange(min(spec.limit_eval, len(test))))
+    train, val = train.subset(train_idx), train.subset(val_idx)
+    scale = 1 / 255 if train.x.dtype == torch.uint8 else 1.0
+    mean, std = _normalization(spec.normalize, train, scale, what)
+    input_shape = tuple(int(s) for s in train.x.shape[1:])
+    desc = (f"{what}: {len(train)} train, {len(val)} val, "
+            f"{'no' if test is None else len(test)} test, {'x'.join(map(str, input_shape))}, {num_classes} classes")
+    return DataBundle(train, val, test, num_classes, input_shape, mean, std, list(names), desc,
+                      spec.augment, scale, spec.batch_size, spec.eval_batch_size)
+
+
+def _check_finite_inputs(data: TensorData | None, split: str, what: str) -> None:
+    """DataError naming the first sample whose inputs hold NaN or infinity (chunked: no whole-set
+    copy). Integer inputs (uint8 images) are finite by construction."""
+    if data is None or not data.x.is_floating_point():
+        return
+    for i in range(0, len(data), 4096):
+        bad = ~torch.isfinite(data.x[i:i + 4096].reshape(min(4096, len(data) - i), -1)).all(dim=1)
+        if bool(bad.any()):
+            raise DataError(f"{what}: {split} sample {i + int(bad.nonzero()[0])} has NaN or infinite inputs; "
+                            "clean the data (this is not a training problem)")
+
+
+def _check_labels(train: TensorData, test: TensorData | None, names, what: str) -> int:
+    top = -1
+    for split, data in (("train", train), ("test", test)):
+        if data is None or len(data) == 0:
+            continue
+        lo, hi = int(data.y.min()), int(data.y.max())
+        if lo < 0 or (names and hi >= len(names)):
+            bound = f"[0, {len(names) - 1}]" if names else ">= 0"
+            raise DataError(f"{what}: {split} label {lo if lo < 0 else hi} out of range, expected {bound}")
+        top = max(top, hi)
+    if top < 0:
+        raise DataError(f"{what}: no training samples")
+    return len(names) if names else top + 1
+
+
+def _normalization(norm, train: TensorData, scale: float, what: str) -> tuple[list[float], list[float]]:
+    x = train.x
+    channels = x.shape[1]
+    if norm == "none":
+        return [0.0] * channels, [1.0] * channels
+    if isinstance(norm, NormalizeStats):
+        if len(norm.mean) not in (1, channels):
+            raise DataError(f"data.normalize: {len(norm.mean)} mean/std values, but {what} has {channels} channels")
+        k = channels // len(norm.mean)
+        return list(norm.mean) * k, list(norm.std) * k
+    # auto: per-channel statistics of the training split, accumulated in float64 chunks
+    dims = [0] + list(range(2, x.dim()))
+    s = torch.zeros(channels, dtype=torch.float64)
+    s2 = torch.zeros(channels, dtype=torch.float64)
+    count = 0
+    for i in range(0, len(train), 4096):
+        chunk = x[i:i + 4096].to(torch.float64) * scale
+        s += chunk.sum(dims)
+        s2 += (chunk * chunk).sum(dims)
+        count += chunk.numel() // channels
+    mean = s / max(count, 1)
+    std = (s2 / max(count, 1) - mean * mean).clamp_min(0).sqrt()
+    std = torch.where(std < 1e-6, torch.ones_like(std), std)  # constant channels: leave unscaled
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]

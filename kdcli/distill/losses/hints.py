@@ -1,0 +1,162 @@
+"""Feature losses with a regressor or connector: FitNets hints and activation boundaries.
+
+Adapters are chosen from the shapes seen in the Distiller's dummy forward pass, never written by
+hand. Features are per sample either vectors (N, C) or maps (N, C, H, W); when one side of a pair
+is a vector and the other a map, the map is globally average-pooled to a vector.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcli.distill.losses.base import ChannelWeights, Layers, Term, check_rank, pairs, per_channel_loss, pool_to, smaller, to_vector
+
+
+class GlobalPool(nn.Module):
+    """(N, C, H, W) -> (N, C): global average pooling, as a module so it can start a regressor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return to_vector(x)
+
+
+def make_regressor(s_shape: torch.Size, t_shape: torch.Size) -> nn.Module:
+    """FitNets regressor (Romero et al. 2015, section 2.2) from a student feature of per-sample shape
+    ``s_shape`` to the teacher's ``t_shape``: ``(C,)`` or ``(C, H, W)``.
+
+    - vectors (or a map on one side, pooled to a vector): ``Linear``;
+    - same spatial size: a 1x1 convolution;
+    - student larger: a strided convolution with kernel = stride = the size ratio when it divides,
+      else the paper's valid convolution with kernel ``H_s - H_t + 1`` (per spatial dimension);
+    - student smaller: the transposed counterpart (kernel = stride = ratio, or ``H_t - H_s + 1``);
+    - larger in one dimension and smaller in the other: pool to the teacher's size, then 1x1.
+    """
+    cs, ct = s_shape[0], t_shape[0]
+    if len(s_shape) == 1 or len(t_shape) == 1:
+        lin = nn.Linear(cs, ct)
+        return lin if len(s_shape) == 1 else nn.Sequential(GlobalPool(), lin)
+    hs, ht = tuple(s_shape[1:]), tuple(t_shape[1:])
+    if hs == ht:
+        return nn.Conv2d(cs, ct, 1)
+    down = all(a >= b for a, b in zip(hs, ht))
+    up = all(a <= b for a, b in zip(hs, ht))
+    if not (down or up):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(ht), nn.Conv2d(cs, ct, 1))
+    big, small = (hs, ht) if down else (ht, hs)
+    kernel = tuple(b // s if b % s == 0 else b - s + 1 for b, s in zip(big, small))
+    stride = tuple(b // s if b % s == 0 else 1 for b, s in zip(big, small))
+    if down:
+        return nn.Conv2d(cs, ct, kernel, stride)
+    return nn.ConvTranspose2d(cs, ct, kernel, stride)
+
+
+def _sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2)
+
+
+def hint_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+              critical: torch.Tensor | None = None) -> torch.Tensor:
+    """FitNets hint loss between the regressed student feature ``pred`` and the teacher's hint
+    ``target`` (same shape, (N, C) or (N, C, H, W)): the mean squared error, per channel
+    ``m_c`` (mean over batch and positions), combined as ``Σ_c w_c·m_c / C``. Uniform ``weight``
+    gives the plain MSE (the paper's ½‖·‖² up to a constant factor). ``critical`` channels are
+    matched after global pooling (granularity-weighted distillation)."""
+    m = per_channel_loss(_sq, pred, target, critical)
+    if weight is None:
+        return m.mean()
+    return (weight * m).sum() / m.numel()
+
+
+class HintTerm(Term, kind="hint"):
+    """FitNets (Romero et al. 2015): for each (hint, guided) layer pair, a regressor on the
+    student's guided layer fitted to the teacher's hint layer by :func:`hint_loss`; summed over
+    pairs. With ``granularity: true`` the teacher layer's channels are weighted and its critical
+    channels pooled, from the granularity map."""
+
+    def __init__(self, spec, name: str, layers: Layers, gmap=None):
+        super().__init__(name, spec.weight)
+        self.pairs = pairs(layers)
+        self.teacher_layers, self.student_layers = layers.teacher, layers.student
+        self.regressors = nn.ModuleList()
+        self.grains = nn.ModuleList()
+        self._vector_target = []
+        for t, s in self.pairs:
+            ts, ss = layers.t_shapes[t], layers.s_shapes[s]
+            check_rank(ts, t, f"{layers.where}.teacher_layers")
+            check_rank(ss, s, f"{layers.where}.student_layers")
+            vec = len(ts) == 1 or len(ss) == 1
+            self._vector_target.append(vec)
+            self.regressors.append(make_regressor(ss, ts[:1] if vec else ts))
+            self.grains.append(ChannelWeights(gmap if spec.granularity else None, t, ts[0], layers.where))
+
+    def targets(self, t_logits, t_feats):
+        return {f"{self.name}.t{k}": to_vector(t_feats[t]) if vec else t_feats[t]
+                for k, ((t, _), vec) in enumerate(zip(self.pairs, self._vector_target))}
+
+    def forward(self, s_logits, s_feats, targets, y):
+        total = 0.0
+        for k, ((_, s), reg, g) in enumerate(zip(self.pairs, self.regressors, self.grains)):
+            total = total + hint_loss(reg(s_feats[s]), targets[f"{self.name}.t{k}"], g.weight, g.critical)
+        return total
+
+
+def ab_loss(r_s: torch.Tensor, t: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Heo et al. 2019, "Knowledge Transfer via Distillation of Activation Boundaries", eq. 5:
+    ``ρ(T)⊙ReLU(m − r(S))² + (1 − ρ(T))⊙ReLU(m + r(S))²`` with ``ρ(T) = 1[T > 0]``.
+
+    ``r_s`` is the connector's output (pre-activation, same shape as ``t``); ``t`` is the
+    teacher's feature or already its boolean mask ρ(T). Averaged over all elements: the paper's
+    squared L2 norm divided by the number of elements, so the scale does not grow with layer size.
+    """
+    rho = t if t.dtype == torch.bool else t > 0
+    rho = rho.to(r_s.dtype)
+    r = r_s.float()
+    return (rho * F.relu(margin - r).pow(2) + (1 - rho) * F.relu(margin + r).pow(2)).mean()
+
+
+def make_connector(cs: int, ct: int, vector: bool) -> nn.Module:
+    """AB's connector r: 1x1 convolution + BatchNorm (Linear + BatchNorm1d for vectors)."""
+    if vector:
+        return nn.Sequential(nn.Linear(cs, ct, bias=False), nn.BatchNorm1d(ct))
+    return nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
+
+
+class ABTerm(Term, kind="ab"):
+    """Activation-boundary transfer, summed over layer pairs (see :func:`ab_loss`).
+
+    Pre-activation features: ρ(T) = 1[T > 0] is the same before and after a ReLU, so the teacher's
+    tapped outputs (post-activation, as ``auto`` picks them) give the exact activation boundary;
+    the student side is the connector's output, a pre-activation by construction. Spatial sizes
+    are matched by average pooling the larger side (the student before the connector; the
+    teacher's feature before thresholding)."""
+
+    def __init__(self, spec, name: str, layers: Layers, gmap=None):
+        super().__init__(name, spec.weight)
+        self.margin = spec.margin
+        self.pairs = pairs(layers)
+        self.teacher_layers, self.student_layers = layers.teacher, layers.student
+        self.connectors = nn.ModuleList()
+        self._sizes = []
+        for t, s in self.pairs:
+            ts, ss = layers.t_shapes[t], layers.s_shapes[s]
+            check_rank(ts, t, f"{layers.where}.teacher_layers")
+            check_rank(ss, s, f"{layers.where}.student_layers")
+            vec = len(ts) == 1 or len(ss) == 1
+            self._sizes.append(None if vec else smaller(ss[1:], ts[1:]))
+            self.connectors.append(make_connector(ss[0], ts[0], vec))
+
+    def targets(self, t_logits, t_feats):
+        out = {}
+        for k, ((t, _), size) in enumerate(zip(self.pairs, self._sizes)):
+            f = t_feats[t]
+            out[f"{self.name}.rho{k}"] = (to_vector(f) if size is None else pool_to(f, size)) > 0
+        return out
+
+    def forward(self, s_logits, s_feats, targets, y):
+        total = 0.0
+        for k, ((_, s), conn, size) in enumerate(zip(self.pairs, self.connectors, self._sizes)):
+            f = s_feats[s]
+            f = to_vector(f) if size is None else pool_to(f, size)
+            total = total + ab_loss(conn(f), targets[f"{self.name}.rho{k}"], self.margin)
+        return total

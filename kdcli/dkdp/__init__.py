@@ -1,0 +1,1 @@
+"""DKDP, the ``compress`` loop (:mod:`.compress`) and its run directory (:mod:`.run`)."""

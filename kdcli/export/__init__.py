@@ -1,0 +1,1 @@
+"""Export: ONNX conversion and onnxruntime verification (:mod:`.onnx`), latency (:mod:`.latency`)."""

@@ -1,0 +1,425 @@
+"""ONNX export and verification against PyTorch, and the ``kdcli export`` pipeline (``run_export``).
+
+Export uses the torch.export-based exporter (``dynamo=True``) and falls back to the TorchScript
+exporter when it fails, saying so in the returned notes. The ONNX graph has one input ``input``
+[batch, *input_shape] and one output ``logits`` [batch, classes] with a dynamic axis named ``batch``;
+the normalisation the model expects travels in ``metadata_props`` as JSON strings, so a deployment
+can rebuild its preprocessing from the file alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kdcli.errors import ExportError, InputError
+from kdcli.prune.pruner import count_macs_params
+from kdcli.files import atomic_write_bytes
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_AXIS = "batch"
+MIN_DYNAMO_OPSET = 18
+# protobuf cannot serialise a message over 2 GiB; above this the weights go to <file>.onnx.data
+LARGE_MODEL_BYTES = 2 * 1024 ** 3 - 64 * 1024 ** 2
+VERIFY_SAMPLES = 512
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = 18,
+                metadata: dict | None = None) -> dict:
+    """Export ``model`` (logits [B, classes] from inputs shaped like ``example`` [B, ...]) to ONNX.
+
+    Tries the torch.export-based exporter, then the TorchScript one; the batch axis is dynamic.
+    ``metadata`` values are stored JSON-encoded in ``metadata_props`` next to ``input_name``,
+    ``output_name`` and ``input_shape``. The file is written atomically and passes
+    ``onnx.checker``. Returns ``{"path", "exporter", "opset", "size_bytes", "external_data", "notes"}``.
+    Raises ExportError when neither exporter can handle the model.
+    """
+    import onnx
+
+    path = Path(path)
+    if not isinstance(opset, int) or not 7 <= opset <= onnx.defs.onnx_opset_version():
+        raise InputError(f"export.opset: expected an integer in 7..{onnx.defs.onnx_opset_version()}, got {opset!r}")
+    model, example = _prepare(model, example)
+    large = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > LARGE_MODEL_BYTES
+    notes: list[str] = []
+    errors: list[str] = []
+    proto, exporter = None, None
+    was_training = model.training
+    model.eval()
+    try:
+        if opset >= MIN_DYNAMO_OPSET:
+            try:
+                proto, exporter = _export_dynamo(model, example, opset), "torch.export"
+            except Exception as exc:  # any exporter failure: try the other one
+                errors.append(f"torch.export-based exporter: {_first_line(exc)}")
+        else:
+            notes.append(f"opset {opset} < {MIN_DYNAMO_OPSET}: used the TorchScript exporter")
+        if proto is None:
+            try:
+                proto, exporter = _export_torchscript(model, example, opset, path.parent), "torchscript"
+            except Exception as exc:
+                errors.append(f"TorchScript exporter: {_first_line(exc)}")
+                raise ExportError(f"{path}: cannot export {type(model).__name__} to ONNX: "
+                                  + "; ".join(errors)) from None
+            if errors:
+                notes.append(f"{errors[0]}; used the TorchScript exporter instead")
+    finally:
+        model.train(was_training)
+
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        notes.append(f"requested opset {opset}, the exporter wrote opset {got}")
+    meta = {"input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "input_shape": list(example.shape[1:]),
+            **(metadata or {})}
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=str(key), value=json.dumps(value))
+    _save(proto, path, large)
+    if large:
+        notes.append(f"model over 2 GB: weights written to {path.name}.data next to {path.name}")
+    return {"path": str(path), "exporter": exporter, "opset": got, "size_bytes": onnx_size(path),
+            "external_data": large, "notes": notes}
+
+
+def _prepare(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    if not isinstance(example, torch.Tensor) or example.dim() < 2:
+        raise InputError(f"export: expected an example input tensor [batch, ...], got {getattr(example, 'shape', example)}")
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).cpu()
+    example = example.detach().cpu().float()
+    if example.shape[0] < 2:  # batch 1 invites torch.export to specialise the batch axis to a constant
+        example = example[:1].expand(2, *example.shape[1:]).clone()
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as exc:
+        raise ExportError(f"export: the model's forward pass fails on an input of shape "
+                          f"{list(example.shape)}: {_first_line(exc)}") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != example.shape[0]:
+        raise ExportError(f"export: expected the model to return one logits tensor [batch, classes], got "
+                          f"{type(out).__name__} {list(getattr(out, 'shape', []))}")
+    return model, example
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence exporter warnings and log lines (they are not the user's concern when export works)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Redirect file descriptor 2 for the duration: on failure, both exporters dump graphs there
+    (torch.export through loggers that ignore their parents' level, TorchScript from C++)."""
+    import sys
+
+    try:
+        fd = os.dup(2)
+    except OSError:  # no stderr to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int):
+    with _quiet(), _quiet_stderr_fd(), contextlib.redirect_stdout(None):
+        program = torch.onnx.export(
+            model, (example,), None, dynamo=True, opset_version=opset, verbose=False,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], optimize=True,
+            dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS)},))
+        return program.model_proto
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int, where: Path):
+    import onnx
+
+    where.mkdir(parents=True, exist_ok=True)
+    with _quiet(), _quiet_stderr_fd(), tempfile.TemporaryDirectory(dir=where, prefix=".export-") as tmp:
+        # a file path (not BytesIO) so that a model over 2 GB can use external data
+        f = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, (example,), str(f), dynamo=False, opset_version=opset, verbose=False,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+                          dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}})
+        return onnx.load(str(f), load_external_data=True)
+
+
+def _save(proto, path: Path, large: bool) -> None:
+    """Check and write ``proto`` to ``path`` atomically (weights to ``path.data`` when ``large``)."""
+    import onnx
+
+    try:
+        if not large:
+            onnx.checker.check_model(proto)
+            atomic_write_bytes(path, proto.SerializeToString())
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data", size_threshold=1024)
+            onnx.checker.check_model(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path}: the exported model fails onnx.checker: {_first_line(exc)}") from None
+
+
+def onnx_size(path: str | Path) -> int:
+    """Bytes on disk of an ONNX model, counting its external ``.data`` file when there is one."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def onnx_metadata(path: str | Path) -> dict:
+    """The model's ``metadata_props`` decoded from JSON (values that are not JSON stay strings)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            out[p.key] = p.value
+    return out
+
+
+def onnx_logits(session, x: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits [N, classes] of an onnxruntime ``session`` on inputs ``x`` [N, ...], in batches."""
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    x = x.astype(np.float32, copy=False)
+    name = session.get_inputs()[0].name
+    parts = [session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Logits [N, classes] of ``model`` in eval mode on CPU inputs ``x`` [N, ...], in batches."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            parts = [model(x[i:i + batch_size].float()).float().numpy() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was)
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def verify_onnx(path: str | Path, model: nn.Module, x: torch.Tensor | None = None, *, atol: float = 1e-4,
+                max_samples: int = VERIFY_SAMPLES, seed: int = 0) -> dict:
+    """Compare the ONNX model at ``path`` with ``model`` on ``x`` [N, ...] (its first ``max_samples``).
+
+    Without ``x``, uses ``max_samples``≤64 standard-normal inputs of the stored ``input_shape``
+    (``inputs: "random"``). Passes when the largest absolute logit difference is ≤ ``atol`` and the
+    top-1 class agrees on every sample (a sample whose two leading PyTorch logits are within
+    ``2·atol`` is a tie and counted in ``top1_ties`` instead). Raises ExportError otherwise.
+    Returns ``{"max_abs_diff", "top1_agreement", "top1_ties", "samples", "inputs", "atol"}``.
+    """
+    from kdcli.export.latency import make_session
+
+    inputs = "data"
+    if x is None or len(x) == 0:
+        shape = onnx_metadata(path).get("input_shape")
+        if not shape:
+            raise ExportError(f"{path}: no input_shape in metadata_props; pass inputs to verify the model with")
+        gen = torch.Generator().manual_seed(seed)
+        x, inputs = torch.randn(min(max_samples, 64), *shape, generator=gen), "random"
+    x = x[:max_samples].detach().cpu().float()
+    ref = torch_logits(model, x)
+    got = onnx_logits(make_session(path), x)
+    if ref.shape != got.shape:
+        raise ExportError(f"{path}: ONNX output shape {list(got.shape)} != PyTorch {list(ref.shape)}")
+    diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
+    agree = ref.argmax(1) == got.argmax(1)
+    top2 = np.sort(ref, axis=1)[:, -2:] if ref.shape[1] > 1 else np.zeros((len(ref), 2))
+    tie = (top2[:, 1] - top2[:, 0]) <= 2 * atol
+    result = {"max_abs_diff": diff, "top1_agreement": float(agree.mean()) if len(agree) else 1.0,
+              "top1_ties": int((~agree & tie).sum()), "samples": int(len(x)), "inputs": inputs, "atol": atol}
+    bad = int((~agree & ~tie).sum())
+    if not diff <= atol or bad:  # `not <=` also catches NaN
+        raise ExportError(f"{path}: ONNX output differs from PyTorch on {inputs} inputs: max |Δ| = {diff:.3g} "
+                          f"(allowed {atol:g}; logits up to {float(np.abs(ref).max()) if ref.size else 0:.3g}), "
+                          f"top-1 disagrees on {bad} of {len(x)} samples")
+    return result
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most specific line of an exception chain: the root cause's first non-empty line."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    for e in reversed(chain):
+        lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+        if lines:
+            line = f"{type(e).__name__}: {lines[0]}"
+            return line if len(line) <= 240 else line[:237] + "..."
+    return type(exc).__name__
+
+
+
+# ------------------------------------------------------------------------------ the export pipeline
+
+def _model_metadata(info: dict, role: str) -> dict:
+    import kdcli
+
+    keys = ("name", "num_classes", "mean", "std", "scale", "class_names")
+    meta = {k: info.get(k) for k in keys if info.get(k) is not None}
+    meta.setdefault("scale", 1.0)
+    return {**meta, "role": role, "producer": f"kdcli {kdcli.__version__}"}
+
+
+def _environment() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import kdcli
+    from kdcli.export.latency import default_threads
+
+    env = {"kdcli": kdcli.__version__, "python": platform.python_version()}
+    for pkg in ("torch", "torch-pruning", "onnx", "onnxruntime"):
+        try:
+            env[pkg] = version(pkg)  # tp.__version__ is wrong for 1.6.1 (DESIGN.md)
+        except PackageNotFoundError:
+            pass
+    env["cpu_threads"] = default_threads()
+    return env
+
+
+def run_export(student: nn.Module, info: dict, out_dir: str | Path, *, teacher: nn.Module | None = None,
+               teacher_info: dict | None = None, x_eval: torch.Tensor | None = None, y_eval: torch.Tensor | None = None,
+               batch_sizes=(1, 64), opset: int = 18, gates=(), time_budget_s: float = 2.0, reporter=None) -> dict:
+    """Export ``student`` (and ``teacher``) to ``out_dir``, verify, evaluate, time, and write the reports.
+
+    ``info`` = {"name", "input_shape", "num_classes", "mean", "std", "class_names"[, "scale"]};
+    ``x_eval`` [N, ...] normalised inputs and ``y_eval`` [N] labels give the accuracies and the
+    verification inputs (random inputs otherwise, noted). Writes ``student.onnx``, ``teacher.onnx``,
+    ``report.json/.md/.html`` and returns the report (``kdcli.reports.export.REPORT_SCHEMA``). Raises
+    GateError after writing everything when one of ``gates`` (``kdcli.reports.gates``) fails.
+    """
+    from datetime import datetime, timezone
+
+    from kdcli.console import Reporter
+    from kdcli.errors import GateError
+    from kdcli.reports.gates import check_gates, parse_gate
+    from kdcli.export.latency import available_providers, measure_latency, measure_torch_latency
+    from kdcli.reports.export import REPORT_VERSION, write_reports
+
+    gates = list(gates or [])
+    for g in gates:  # a typo in a gate should fail before minutes of measuring, not after
+        parse_gate(g)
+    reporter = reporter or Reporter(quiet=True)
+    out_dir = Path(out_dir)
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise InputError(f"export.batch_sizes: expected positive integers, got {batch_sizes}")
+    input_shape = tuple(int(d) for d in info["input_shape"])
+    have_data = x_eval is not None and len(x_eval) > 0
+    example = (x_eval[:2] if have_data else torch.zeros(2, *input_shape)).detach().cpu().float()
+    notes: list[str] = []
+    if not have_data:
+        notes.append("no evaluation data: verified on random inputs, accuracy not measured")
+
+    roles = {"student": (student, info)}
+    if teacher is not None:
+        roles = {"teacher": (teacher, teacher_info or info), **roles}
+    entries, paths = {}, {}
+    for role, (model, minfo) in roles.items():
+        reporter.info(f"export: {role} → {out_dir / f'{role}.onnx'}")
+        path = out_dir / f"{role}.onnx"
+        res = export_onnx(model, example, path, opset=opset, metadata=_model_metadata(minfo, role))
+        notes += [f"{role}: {n}" for n in res["notes"]]
+        ver = verify_onnx(path, model, x_eval if have_data else None)
+        macs, params = count_macs_params(model, example[:1])
+        entries[role] = {"name": str(minfo.get("name") or type(model).__name__), "file": path.name,
+                         "size_bytes": res["size_bytes"], "exporter": res["exporter"], "opset": int(res["opset"]),
+                         "external_data": res["external_data"], "export_notes": res["notes"],
+                         "params": params, "macs": macs, "verification": ver}
+        paths[role] = path
+    s, t = entries["student"], entries.get("teacher")
+    ratios = None if t is None else {"size": s["size_bytes"] / t["size_bytes"], "macs": s["macs"] / max(t["macs"], 1),
+                                     "params": s["params"] / max(t["params"], 1)}
+
+    accuracy = None
+    if have_data and y_eval is not None:
+        from kdcli.export.latency import make_session
+
+        reporter.info(f"export: accuracy on {len(x_eval):,} samples")
+        y = y_eval.detach().cpu().numpy()
+        acc = {role: float((onnx_logits(make_session(p), x_eval).argmax(1) == y).mean()) for role, p in paths.items()}
+        accuracy = {"samples": int(len(y)), "student_onnx": acc["student"], "teacher_onnx": acc.get("teacher"),
+                    "student_pytorch": float((torch_logits(student, x_eval).argmax(1) == y).mean()),
+                    "teacher_pytorch": None if teacher is None else float((torch_logits(teacher, x_eval).argmax(1) == y).mean()),
+                    "drop_pt": None if t is None else 100 * (acc["teacher"] - acc["student"])}
+
+    providers = available_providers()
+    ort_lat = {}
+    for provider in providers:
+        reporter.info(f"export: onnxruntime latency ({provider}) at batch sizes {batch_sizes}")
+        ort_lat[provider] = _str_keys(measure_latency({r: str(p) for r, p in paths.items()}, input_shape, batch_sizes,
+                                                      time_budget_s=time_budget_s, providers=[provider]))
+    reporter.info("export: PyTorch eager latency (reference)")
+    eager = _str_keys(measure_torch_latency({r: m for r, (m, _) in roles.items()}, input_shape, batch_sizes,
+                                            time_budget_s=time_budget_s))
+    speedup = {}
+    if t is not None:
+        speedup = {prov: {str(b): tab["teacher"][str(b)]["median_ms"] / tab["student"][str(b)]["median_ms"]
+                          for b in batch_sizes} for prov, tab in ort_lat.items()}
+    report = {"schema": "kdcli/export-report", "version": REPORT_VERSION,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": _environment(),
+              "student": s, "teacher": t, "ratios": ratios, "accuracy": accuracy,
+              "latency": {"batch_sizes": batch_sizes, "time_budget_s": float(time_budget_s),
+                          # CPU is the deployment target gates compare on, also where CUDA is present
+                          "primary_provider": "CPUExecutionProvider", "onnxruntime": ort_lat, "pytorch": eager,
+                          "speedup": speedup},
+              "gates": {"expressions": gates, "failures": []}, "notes": notes}
+    report["gates"]["failures"] = check_gates(report, gates)
+    write_reports(report, out_dir)
+    if report["gates"]["failures"]:
+        err = GateError("; ".join(report["gates"]["failures"]))
+        err.report = report  # callers that print the report before exiting 3 find it here
+        raise err
+    return report
+
+
+def _str_keys(lat: dict) -> dict:
+    """JSON object keys are strings: {model: {bs: stats}} with bs as str."""
+    return {m: {str(b): v for b, v in by_bs.items()} for m, by_bs in lat.items()}

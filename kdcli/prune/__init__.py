@@ -1,0 +1,1 @@
+"""Structural pruning: everything that calls torch-pruning (:mod:`.pruner`) and the importance criteria (:mod:`.importance`)."""

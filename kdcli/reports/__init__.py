@@ -1,0 +1,1 @@
+"""Reports: one per command (export, compress, analysis), their gates and charts."""

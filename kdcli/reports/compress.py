@@ -1,0 +1,164 @@
+"""The report of a ``kdcli compress`` run: JSON, Markdown and HTML from one data model.
+
+``compress_report.json`` is the :class:`kdcli.dkdp.compress.CompressResult` as JSON (plus the schema
+version); the Markdown and HTML renderings show the teacher against the student and every DKDP
+step (τ, MACs, accuracy, the reason τ moved), with a chart of accuracy against MACs and, when
+the recipe has a VID term, its layer weights λ as a heatmap.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from kdcli.files import atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = 1
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.2f}%"
+
+
+def _int(v) -> str:
+    return "–" if v is None else f"{int(v):,}"
+
+
+def _export_side(result, role: str) -> dict:
+    """ONNX file size, accuracy and onnxruntime latencies of ``role`` (teacher/student) from the
+    export report (:mod:`kdcli.reports.export` schema), or {} when nothing was exported."""
+    exp = result.export or {}
+    if role not in exp:
+        return {}
+    lat = exp.get("latency") or {}
+    by_provider = (lat.get("onnxruntime") or {}).get(lat.get("primary_provider"), {})
+    return {"onnx_bytes": exp[role].get("size_bytes"),
+            "onnx_accuracy": (exp.get("accuracy") or {}).get(f"{role}_onnx"),
+            "latency": by_provider.get(role) or {}}
+
+
+def _latency_text(side: dict) -> str:
+    lat = side.get("latency") or {}
+    parts = [f"{v['median_ms']:.3f} ms @{bs}" for bs, v in sorted(lat.items(), key=lambda kv: int(kv[0]))
+             if isinstance(v, dict) and "median_ms" in v]
+    return ", ".join(parts) or "–"
+
+
+def summary_rows(result) -> list[tuple[str, str, str]]:
+    """(what, teacher, student) rows of the summary shown in the terminal and the reports."""
+    t, s = result.teacher, result.student
+    te, se = _export_side(result, "teacher"), _export_side(result, "student")
+    rows = [("model", str(t.get("model", "")), f"{s.get('model', 'student')} ({s.get('from') or 'as declared'})"),
+            ("val accuracy", _pct(t.get("val_accuracy")), _pct(s.get("val_accuracy")))]
+    if "test_accuracy" in t or "test_accuracy" in s:
+        rows.append(("test accuracy", _pct(t.get("test_accuracy")), _pct(s.get("test_accuracy"))))
+    if te.get("onnx_accuracy") is not None or se.get("onnx_accuracy") is not None:
+        rows.append(("ONNX accuracy", _pct(te.get("onnx_accuracy")), _pct(se.get("onnx_accuracy"))))
+    rows += [("parameters", _int(t.get("params")), f"{_int(s.get('params'))} ({s.get('params_ratio', 0):.3f}×)"),
+             ("MACs", _int(t.get("macs")), f"{_int(s.get('macs'))} ({s.get('macs_ratio', 0):.3f}×)")]
+    if te or se:
+        rows.append(("ONNX file", _size(te.get("onnx_bytes")), _size(se.get("onnx_bytes"))))
+        rows.append(("latency (onnxruntime)", _latency_text(te), _latency_text(se)))
+    return rows
+
+
+def _size(n) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def summary_table(result):
+    """A rich Table of teacher against student, then the verdict."""
+    from rich.table import Table
+
+    verdict = "target met" if result.target_met and not result.gate_failures else "; ".join(result.gate_failures)
+    table = Table(title="kdcli compress", caption=verdict)
+    table.add_column("")
+    table.add_column("teacher", justify="right")
+    table.add_column("student", justify="right")
+    for row in summary_rows(result):
+        table.add_row(*row)
+    return table
+
+
+def _steps_rows(result) -> list[list[str]]:
+    rows = []
+    for r in result.steps:
+        tau = r.get("tau")
+        rows.append([str(r["step"]), str(r["attempt"]), "–" if tau is None else f"{tau:.4f}",
+                     f"{r['macs_ratio']:.3f}", _int(r["params"]), _pct(r["val_accuracy"]),
+                     f"{100 * r['accuracy_drop']:.2f}" if r["accuracy_drop"] == r["accuracy_drop"] else "–",
+                     "yes" if r["accepted"] else "no", r["reason"]])
+    return rows
+
+
+_STEP_HEADERS = ["step", "attempt", "τ", "MACs ratio", "params", "val acc", "drop (pt)", "kept", "why τ moved"]
+
+
+def render_markdown(result) -> str:
+    """The report as Markdown (for a pull request or a CI job summary)."""
+    out = ["# kdcli compress report", "",
+           f"**{'Target met' if result.target_met else 'Target not met'}**"
+           + ("" if not result.gate_failures else ": " + "; ".join(result.gate_failures)), "",
+           "| | teacher | student |", "|---|---:|---:|"]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(result)]
+    if result.steps:
+        out += ["", "## DKDP steps", "", "| " + " | ".join(_STEP_HEADERS) + " |",
+                "|" + "---|" * len(_STEP_HEADERS)]
+        out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in _steps_rows(result)]
+    lam = result.vid_lambda
+    if lam:
+        out += ["", f"## VID layer weights λ ({_lambda_kind(lam)})", "",
+                "Rows: teacher layers; columns: student layers; each column sums to 1.", "",
+                "| teacher \\ student | " + " | ".join(f"`{s}`" for s in lam["student_layers"]) + " |",
+                "|---|" + "---:|" * len(lam["student_layers"])]
+        out += [f"| `{t}` | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+                for t, row in zip(lam["teacher_layers"], lam["matrix"])]
+    return "\n".join(out) + "\n"
+
+
+def _lambda_kind(lam: dict) -> str:
+    return "learned" if lam.get("learned") else "fixed"
+
+
+def render_html(result) -> str:
+    """The report as one self-contained HTML page with the accuracy-against-MACs chart."""
+    from kdcli.reports.charts import heatmap, html_page, html_table, line_chart
+
+    t = result.teacher
+    teacher_pt = [(1.0, 100 * t["val_accuracy"])]
+    kept = [(r["macs_ratio"], 100 * r["val_accuracy"]) for r in result.steps if r["accepted"]]
+    undone = [(r["macs_ratio"], 100 * r["val_accuracy"]) for r in result.steps
+              if not r["accepted"] and r["val_accuracy"] == r["val_accuracy"]]
+    series = {"teacher": teacher_pt}
+    if kept:  # a declared student has no steps: its point alone, not one on the teacher's
+        series["student (kept steps)"] = [(1.0, 100 * t["val_accuracy"])] + kept
+    if undone:
+        series["undone steps"] = undone
+    s = result.student
+    series["final student"] = [(s["macs_ratio"], 100 * s["val_accuracy"])]
+    chart = line_chart(series, title="Validation accuracy against MACs (fraction of the teacher's)",
+                       x_label="MACs / teacher MACs", y_label="val accuracy (%)", y_max=100.0)
+    verdict = "Target met" if result.target_met and not result.gate_failures else \
+        "Not met: " + "; ".join(result.gate_failures)
+    body = [f"<p><strong>{html.escape(verdict)}</strong></p>",
+            html_table(["", "teacher", "student"], [list(r) for r in summary_rows(result)]), chart]
+    if result.steps:
+        body += ["<h2>DKDP steps</h2>", html_table(_STEP_HEADERS, _steps_rows(result))]
+    lam = result.vid_lambda
+    if lam:
+        body += [f"<h2>VID layer weights λ ({_lambda_kind(lam)})</h2>",
+                 "<p>How much each student layer (column) learns from each teacher layer (row) in the "
+                 "distillation that made this student; each column sums to 1.</p>",
+                 heatmap(lam["matrix"], lam["teacher_layers"], lam["student_layers"], title="λ (teacher × student)",
+                         value_range=(0.0, 1.0))]
+    return html_page("kdcli compress report", "\n".join(body))
+
+
+def write_compress_report(result, run_dir: Path) -> None:
+    """Write ``compress_report.json``, ``.md`` and ``.html`` into ``run_dir`` atomically."""
+    run_dir = Path(run_dir)
+    atomic_write_json(run_dir / "compress_report.json", {"schema_version": SCHEMA_VERSION, **result.to_json()})
+    atomic_write_text(run_dir / "compress_report.md", render_markdown(result))
+    atomic_write_text(run_dir / "compress_report.html", render_html(result))

@@ -1,0 +1,1 @@
+"""Training: the one loop (:mod:`.loop`) and the teacher, loaded or trained (:mod:`.teacher`)."""
