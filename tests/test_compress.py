@@ -165,3 +165,66 @@ def test_resume_with_train_teacher_gives_the_clean_result(tmp_path, monkeypatch)
     assert resumed.student["val_accuracy"] == pytest.approx(clean.student["val_accuracy"], abs=1e-9)
     assert [r["teacher_val_accuracy"] for r in resumed.steps] == pytest.approx(
         [r["teacher_val_accuracy"] for r in clean.steps], nan_ok=True)
+
+
+# ----------------------------------------------------------------------------- the target
+
+
+def test_target_resolves_fractions_and_counts_against_the_teacher():
+    from kdcli.config.recipe import TargetSpec
+    from kdcli.dkdp.target import Target
+
+    t = Target.of(TargetSpec(macs=0.5, params=3000, max_accuracy_drop=0.01), teacher_macs=10_000,
+                  teacher_params=8_000, teacher_accuracy=0.90)
+    assert (t.macs, t.params) == (5_000.0, 3000.0) and t.asks_resources
+    assert t.met(5_000, 3_000) and t.met(5_000.4, 3_000)  # the 1e-4 slack for rounding
+    assert not t.met(5_001, 3_000) and not t.met(5_000, 3_001)
+    assert t.unmet(6_000, 3_500) == "target not met: MACs 0.600 of teacher > target 0.500; params 3,500 > target 3,000"
+    assert t.failures(5_000, 3_000, None, 0.89) == []  # a drop of exactly the budget passes
+    assert t.failures(5_000, 3_000, None, 0.8899) == ["accuracy drop 1.01 pt > max_accuracy_drop 1.00 pt"]
+    assert not Target.of(TargetSpec(), 10, 10, 0.5).asks_resources
+
+
+def test_target_aims_on_a_geometric_path_to_the_macs():
+    from kdcli.config.recipe import TargetSpec
+    from kdcli.dkdp.target import Target
+
+    t = Target.of(TargetSpec(macs=0.25), teacher_macs=1_000, teacher_params=10, teacher_accuracy=0.9)
+    # two steps left at aggressiveness 1: halfway on the log scale, sqrt(1000 * 250) = 500
+    assert t.next_macs(1_000, steps_left=2, aggressiveness=1.0) == pytest.approx(500.0)
+    assert t.next_macs(1_000, steps_left=2, aggressiveness=2.0) == pytest.approx(250.0)  # all the way
+    assert t.next_macs(1_000, steps_left=1, aggressiveness=0.5) == pytest.approx(500.0)
+    assert t.next_macs(200, steps_left=3, aggressiveness=1.0) == 200  # already below: no cut
+    no_macs = Target.of(TargetSpec(params=5), teacher_macs=1_000, teacher_params=10, teacher_accuracy=0.9)
+    assert no_macs.next_macs(1_000, steps_left=3, aggressiveness=1.0) == pytest.approx(700.0)  # a fixed 0.7 cut
+
+
+# ----------------------------------------------------------------------------- distil() without a recipe
+
+
+def test_distil_needs_no_recipe_and_carries_the_teacher_cache(tmp_path):
+    from kdcli.config.data import DataSpec
+    from kdcli.config.train import TrainSpec
+    from kdcli.data.loader import load_data
+    from kdcli.distill.distil import distil
+    from kdcli.models import build_model
+    from kdcli.train.loop import evaluate, fit, tensor_batches
+
+    data = load_data(DataSpec(), base_dir=tmp_path, seed=0)
+    torch.manual_seed(0)
+    teacher = build_model("mlp", {"hidden": [64]}, input_shape=data.input_shape, num_classes=10)
+    fit(teacher, data.loader("train", train=True, seed=0), TrainSpec(epochs=8, lr=0.05))
+    teacher.eval()
+    torch.manual_seed(1)
+    student = build_model("mlp", {"hidden": [8]}, input_shape=data.input_shape, num_classes=10)
+    before = evaluate(student, tensor_batches(*data.eval_tensors("val")))["accuracy"]
+    res = distil(teacher, student, [{"kind": "kd", "temperature": 4, "weight": 0.9}, {"kind": "ce", "weight": 0.1}],
+                 data, TrainSpec(epochs=3, lr=0.05), seed=0)
+    assert len(res.history) == 3 and res.lambda_report is None
+    assert res.history[-1]["val_accuracy"] > before + 0.3  # it learned from the teacher
+    assert res.cache is not None and bool(res.cache.filled.all())  # filled in sample order up front
+    again = distil(teacher, student, [{"kind": "kd", "temperature": 4}], data, TrainSpec(epochs=1, lr=0.01),
+                   cache=res.cache, seed=1)
+    assert again.cache is res.cache
+    with pytest.raises(Exception, match="kind"):
+        distil(teacher, student, [{"kind": "nope"}], data, TrainSpec(epochs=1))

@@ -1,96 +1,59 @@
 """DKDP: dynamic knowledge distillation and pruning, to a resource target within an accuracy budget.
 
-Orchestration only; the pieces live elsewhere (importance and pruning in :mod:`kdcli.prune.pruner`,
-losses in :mod:`kdcli.distill.distiller`, the loop in :mod:`kdcli.train.loop`). For step k = 1..K:
+The loop, as small named steps over the run's :class:`~kdcli.dkdp.run.State`, which only the
+loop's steps change (the attempt counter when an attempt starts, the rest when it is judged) and
+:meth:`Loop._record` writes after each. For attempt after attempt until the target is met:
 
-1. score channel importance on the current student (the recipe's criterion);
-2. choose the threshold τ_k and prune structurally every channel whose group-normalised
-   importance falls below it (torch-pruning groups, ``round_to``);
-3. distil the original, frozen teacher into the pruned student with the recipe's losses;
-4. evaluate on the validation split and adapt.
+1. **aim** (:meth:`Loop.aim`): the MACs this step should reach, on a geometric path from the
+   current MACs M to the target M*: ``M_next = max(M*, M · (M*/M)^(a/r))``, r the steps left and
+   a the *aggressiveness* (:meth:`kdcli.dkdp.target.Target.next_macs`); the last allowed attempt
+   aims at the target itself;
+2. **attempt** (:meth:`Loop.attempt`): score channel importance on the current student, choose the
+   threshold τ whose pruning plan reaches the aim (bisection on the plan's MACs), prune
+   structurally (torch-pruning groups, ``round_to``), distil the teacher into the pruned student
+   (:func:`kdcli.distill.distil.distil`) and evaluate on the validation split;
+3. **accept or undo** (:meth:`Loop.judge`): a step whose accuracy drop exceeds what a step may
+   leave (``prune.step_tolerance`` × the budget) is undone and a is halved, so τ backs off to a
+   smaller step; when the drop stays under half the budget, a grows by 1.5 (up to 2). A kept step
+   is saved (``steps/step_NNN.kdc``), and with ``distill.train_teacher`` the teaching teacher is
+   fine-tuned toward the student;
+4. **finish** (:meth:`Loop.finish`): the final distillation (``prune.final_epochs``, or the whole
+   distillation of a declared student), then the best student that meets the target is chosen,
+   written as ``student.kdc``, judged against the target, exported and reported.
 
-The adaptive threshold. Each step aims at a resource level on a geometric path from the current
-MACs M to the target M*: ``M_next = max(M*, M · (M*/M)^(a/r))`` with r the steps left and a
-the *aggressiveness*, and τ_k is the threshold whose pruning plan reaches M_next (found by
-bisection on the plan's MACs). When a step's accuracy drop after distillation exceeds the budget,
-the step is undone and a is halved, so τ backs off to a smaller step; when the drop stays under
-half the budget, a grows by 1.5 (up to 2), so τ rises while accuracy holds and the target is far.
-Every τ_k and the reason it moved go to ``metrics.jsonl`` and the report.
-
-Run directory: ``recipe.yaml`` (the recipe as given), ``run.json`` (where it came from),
-``teacher.kdc``, ``steps/step_NNN.kdc``, ``state.json`` (written after each finished step),
-``metrics.jsonl``, ``student.kdc`` (the best student that meets the target), the compress report
-and ``export/``. ``resume_run`` continues after the last finished step and ends as an
-uninterrupted run with the same seed would.
+Every τ_k and the reason it moved go to ``metrics.jsonl`` and the report. The run directory and
+resuming are :mod:`kdcli.dkdp.run`; a resumed run ends byte for byte as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from kdcli.config.importance import NEEDS_DATA
+from kdcli.config.losses import CE, KD
+from kdcli.config.recipe import Recipe
 from kdcli.console import Reporter
+from kdcli.data.loader import DataBundle, load_data
+from kdcli.distill.distil import distil
+from kdcli.dkdp.run import RunDir, RunLock, StepRecord, resume_recipe, start_run
+from kdcli.dkdp.target import Target
 from kdcli.errors import GateError, InputError, TrainingDiverged
-from kdcli.models import absolute_spec
-from kdcli.prune.pruner import count_macs_params
-from kdcli.config.recipe import Recipe, load_recipe, parse_recipe
-from kdcli.dkdp.run import RunLock
-from kdcli.files import atomic_write_json, atomic_write_text
+from kdcli.models import absolute_spec, build_model
 from kdcli.models.file import ModelInfo, data_metadata, export_info, load_model_any, recipe_models, save_model
-from kdcli.train.teacher import obtain_teacher
 from kdcli.models.utils import is_main_process
-from kdcli.train.loop import evaluate, fit, tensor_batches
+from kdcli.prune.pruner import StructuredPruner, count_macs_params
+from kdcli.train.loop import evaluate, tensor_batches
+from kdcli.train.teacher import obtain_teacher
 
-STATE_VERSION = 1
-
-
-@dataclass
-class StepRecord:
-    """One DKDP step attempt, as logged."""
-
-    step: int
-    attempt: int
-    tau: float | None
-    aggressiveness: float
-    target_macs: float | None
-    macs: int
-    params: int
-    macs_ratio: float
-    params_ratio: float
-    val_accuracy: float
-    accuracy_drop: float
-    accepted: bool
-    reason: str
-    seconds: float
-    latency_ms: float | None = None
-    train_history: list = field(default_factory=list)
-    teacher_val_accuracy: float | None = None  # the teaching teacher after distill.train_teacher
-
-
-@dataclass
-class State:
-    """What ``state.json`` holds: enough to continue after the last finished step."""
-
-    version: int = STATE_VERSION
-    accepted_steps: int = 0
-    attempts: int = 0
-    aggressiveness: float = 1.0
-    records: list = field(default_factory=list)
-    student_file: str | None = None
-    best_file: str | None = None
-    best_val: float = -1.0
-    pruning_done: bool = False
-    finished: bool = False
-    failed_macs: int | None = None  # MACs the last undone attempt cut to: its retry must cut less
-    vid_lambda: dict = field(default_factory=dict)  # student file -> λ of the distillation that made it
-    teacher_file: str | None = None  # the teaching teacher, when distill.train_teacher fine-tunes it
+__all__ = ["CompressResult", "compress", "resume_recipe", "start_run"]  # a run: start (or resume), then compress
 
 
 @dataclass
@@ -110,238 +73,188 @@ class CompressResult:
                 "export": self.export, "vid_lambda": self.vid_lambda}
 
 
-def _absolute(target: float | None, reference: int) -> float | None:
-    if target is None:
-        return None
-    return target * reference if target <= 1 else float(target)
-
-
-def _next_macs(current: float, target: float | None, steps_left: int, aggressiveness: float) -> float:
-    """The MACs this step aims at: a geometric path to the target, scaled by aggressiveness."""
-    if target is None:  # only params / latency targets: cut a fixed fraction per step
-        return current * (0.7 ** aggressiveness)
-    if current <= target:
-        return current
-    exponent = min(1.0, aggressiveness / max(steps_left, 1))
-    return max(target, current * (target / current) ** exponent)
-
-
-class RunDir:
-    """The run directory's files, written atomically and by rank 0 only."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def write_json(self, name: str, obj) -> None:
-        if is_main_process():
-            atomic_write_json(self.path / name, obj)
-
-    def write_text(self, name: str, text: str) -> None:
-        if is_main_process():
-            atomic_write_text(self.path / name, text)
-
-    def write_metrics(self, records: list[dict]) -> None:
-        self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-
-    def load_state(self) -> State:
-        try:
-            obj = json.loads((self.path / "state.json").read_text())
-            return State(**obj)
-        except FileNotFoundError:
-            return State()
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise InputError(f"{self.path / 'state.json'}: unreadable run state ({exc})") from None
-
-
-_RUN_FILES = ("state.json", "run.json", "metrics.jsonl", "result.json", "student.kdc")
-
-
-def start_run(recipe_path: Path | None, *, out_dir: Path | None = None, overrides=(), recipe_text: str | None = None,
-              overwrite: bool = False) -> tuple[Recipe, Path]:
-    """Validate the recipe, lock the run directory (:class:`kdcli.dkdp.run.RunLock`, held until
-    :func:`compress` ends) and prepare it for a fresh run.
-
-    A directory that holds an earlier run (one that finished a step: ``state.json``) is refused
-    unless ``overwrite``; then that run's state, steps and student are removed (a ``teacher.kdc``
-    stays: it is reused only if it was trained from the same seed, data and teacher spec). A
-    directory whose run never finished a step (it failed on its data or model, say) is simply
-    started again. A directory locked by a live run is refused, ``overwrite`` or not."""
-    if recipe_text is None:
-        recipe = load_recipe(recipe_path, overrides)
-        recipe_text = Path(recipe_path).read_text()
-    else:
-        recipe = parse_recipe(recipe_text, str(recipe_path), recipe_path, overrides)
-    run_dir = Path(out_dir) if out_dir else recipe.default_out_dir()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"--out {run_dir}: is a file; a run directory is needed")
-    lock = RunLock.acquire(run_dir)
-    try:
-        if (run_dir / "state.json").exists():
-            if not overwrite:
-                raise InputError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, "
-                                 "start afresh with --overwrite, or choose another directory with --out")
-        for name in _RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "steps", ignore_errors=True)
-        rd = RunDir(run_dir)
-        rd.write_text("recipe.yaml", recipe_text)
-        rd.write_json("run.json", {"recipe_path": str(Path(recipe_path).resolve()) if recipe_path else None,
-                                   "overrides": list(overrides), "recipe_sha256": recipe.sha256,
-                                   "recipe": recipe.model_dump(mode="json", by_alias=True),
-                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    except BaseException:
-        lock.release()
-        raise
-    return recipe, run_dir
-
-
-def resume_recipe(run_dir: Path, *, force: bool = False) -> Recipe:
-    """The recipe of an existing run, with paths resolving against the original recipe's folder.
-
-    A recipe copy changed since the run started (its hash differs from ``run.json``'s) is refused,
-    naming the changed keys, unless ``force``; then ``run.json`` records the new hash."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise InputError(f"--resume {run_dir}: no such run directory")
-    try:
-        meta = json.loads((run_dir / "run.json").read_text())
-        text = (run_dir / "recipe.yaml").read_text()
-    except FileNotFoundError:
-        raise InputError(f"--resume {run_dir}: not a kdcli run directory (no run.json / recipe.yaml)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{run_dir / 'run.json'}: unreadable run metadata ({type(exc).__name__})") from None
-    if not isinstance(meta, dict):
-        raise InputError(f"{run_dir / 'run.json'}: unreadable run metadata (expected a mapping)")
-    orig = Path(meta["recipe_path"]) if meta.get("recipe_path") else run_dir / "recipe.yaml"
-    recipe = parse_recipe(text, str(run_dir / "recipe.yaml"), orig, meta.get("overrides", []))
-    if meta.get("recipe_sha256") and recipe.sha256 != meta["recipe_sha256"]:
-        # Runs started before run.json kept the recipe cannot name keys: any change counts.
-        changed = (_changed_keys(meta["recipe"], recipe.model_dump(mode="json", by_alias=True))
-                   if "recipe" in meta else ["(unknown keys)"])
-        if changed and not force:
-            raise InputError(f"{run_dir / 'recipe.yaml'}: changed since the run started"
-                             f"{' (' + ', '.join(changed[:6]) + ')' if changed else ''}; resuming would mix two "
-                             "recipes: restore it, start afresh with --overwrite, or pass --force to continue")
-        RunDir(run_dir).write_json("run.json", {**meta, "recipe_sha256": recipe.sha256,
-                                                "recipe": recipe.model_dump(mode="json", by_alias=True)})
-    return recipe
-
-
-def _changed_keys(old, new, prefix: str = "") -> list[str]:
-    """The dotted key paths whose values differ between two recipe dumps (old may be None)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += _changed_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
-        return out
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [k for i, (a, b) in enumerate(zip(old, new)) for k in _changed_keys(a, b, f"{prefix}[{i}]")]
-    return [] if old == new else [prefix or "(recipe)"]
-
-
 def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: Reporter | None = None,
              trust: bool = False, do_export: bool | None = None) -> CompressResult:
-    """Run (or continue) DKDP for ``recipe`` in ``run_dir``; see the module docstring."""
+    """Run (or continue) DKDP for ``recipe`` in ``run_dir``, holding its lock; see the module docstring."""
     lock = RunLock.acquire(run_dir)
     try:
-        return _compress(recipe, run_dir, device=device, reporter=reporter or Reporter(quiet=True), trust=trust,
-                         do_export=do_export)
+        ctx = Context.open(recipe, run_dir, device, reporter or Reporter(quiet=True), trust)
+        loop = Loop(ctx)
+        loop.run()
+        return loop.finish(do_export if do_export is not None else recipe.export.enabled)
     finally:
         lock.release()
 
 
-def _compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: Reporter, trust: bool,
-              do_export: bool | None) -> CompressResult:
-    from kdcli.data.loader import load_data
+@dataclass
+class Context:
+    """What stays fixed during a run: the recipe, data, the original teacher and its figures, the
+    target, and where things are written."""
 
-    rd = RunDir(run_dir)
-    state = rd.load_state()
-    data = load_data(recipe.data, base_dir=recipe.base_dir, seed=recipe.seed)
-    example = torch.zeros(1, *data.input_shape, device=device)
-    val = tensor_batches(*data.eval_tensors("val", device))
-    test = tensor_batches(*data.eval_tensors("test", device)) if data.test is not None else None
+    recipe: Recipe
+    rd: RunDir
+    data: DataBundle
+    device: torch.device
+    reporter: Reporter
+    example: torch.Tensor
+    val: list
+    test: list | None
+    teacher: nn.Module
+    tinfo: ModelInfo
+    teacher_summary: dict
+    target: Target
+    granularity: object | None
+    prune: bool  # whether steps prune at all (a declared student may be distilled only)
 
-    teacher, tinfo = obtain_teacher(recipe, data, device, rd.path, reporter, trust)
-    teacher.eval()
-    t_macs, t_params = count_macs_params(teacher, example)
-    t_val = evaluate(teacher, val, device)["accuracy"]
-    teacher_summary = {"model": tinfo.metadata.get("ensemble_label", tinfo.name), "macs": t_macs, "params": t_params, "val_accuracy": t_val}
-    if test is not None:
-        teacher_summary["test_accuracy"] = evaluate(teacher, test, device)["accuracy"]
-    reporter.info(f"teacher {tinfo.name}: {t_params:,} params, {t_macs:,} MACs, val {100 * t_val:.2f}%")
+    @classmethod
+    def open(cls, recipe: Recipe, run_dir: Path, device: torch.device, reporter: Reporter, trust: bool) -> "Context":
+        rd = RunDir(run_dir)
+        data = load_data(recipe.data, base_dir=recipe.base_dir, seed=recipe.seed)
+        example = torch.zeros(1, *data.input_shape, device=device)
+        val = tensor_batches(*data.eval_tensors("val", device))
+        test = tensor_batches(*data.eval_tensors("test", device)) if data.test is not None else None
+        teacher, tinfo = obtain_teacher(recipe, data, device, rd.path, reporter, trust)
+        teacher.eval()
+        t_macs, t_params = count_macs_params(teacher, example)
+        t_val = evaluate(teacher, val, device)["accuracy"]
+        summary = {"model": tinfo.metadata.get("ensemble_label", tinfo.name), "macs": t_macs, "params": t_params,
+                   "val_accuracy": t_val}
+        if test is not None:
+            summary["test_accuracy"] = evaluate(teacher, test, device)["accuracy"]
+        reporter.info(f"teacher {tinfo.name}: {t_params:,} params, {t_macs:,} MACs, val {100 * t_val:.2f}%")
+        target = Target.of(recipe.target, t_macs, t_params, t_val)
+        return cls(recipe, rd, data, device, reporter, example, val, test, teacher, tinfo, summary, target,
+                   _granularity(recipe), bool(recipe.student.prune and target.asks_resources))
 
-    target = recipe.target
-    target_macs = _absolute(target.macs, t_macs)
-    target_params = _absolute(target.params, t_params)
-    budget = target.max_accuracy_drop
+    def load(self, name: str) -> tuple[nn.Module, ModelInfo]:
+        """A model file of the run directory (a step's student or teacher), on the device."""
+        path = self.rd.path / name
+        if not path.is_file():
+            raise InputError(f"{path}: missing from the run directory (the run's state names it); restore it, or "
+                             "start afresh with --overwrite")
+        model, info = load_model_any(path, spec_name=None, spec_args=None, input_shape=self.data.input_shape,
+                                     num_classes=self.data.num_classes, base_dir=self.recipe.base_dir,
+                                     allow=recipe_models(self.recipe))
+        return model.to(self.device), info
 
-    student, sinfo = _initial_student(recipe, data, teacher, tinfo, state, rd, device)
-    # The teacher that teaches: the original, or its fine-tuned copy (distill.train_teacher). The
-    # original stays the reference of the accuracy budget and of the reports.
-    teaching = _load_model(rd.path / state.teacher_file, recipe, data, device)[0] if state.teacher_file else teacher
-    granularity = _granularity(recipe)
-    shared: dict = {}  # reused across the run's distillations (the teacher cache)
-    prune = recipe.student.prune and (target_macs is not None or target_params is not None
-                                      or target.latency_ms is not None)
+    def save(self, name: str, model: nn.Module, info: ModelInfo, metrics: dict, role: str = "student") -> None:
+        info = copy.copy(info)
+        info.metadata = {**data_metadata(self.data), "recipe_sha256": self.recipe.sha256, "metrics": metrics,
+                         "role": role}
+        save_model(self.rd.path / name, model, info)
 
-    def meets(macs, params, latency) -> bool:
-        return ((target_macs is None or macs <= target_macs * 1.0001)
-                and (target_params is None or params <= target_params * 1.0001)
-                and (target.latency_ms is None or (latency is not None and latency <= target.latency_ms)))
+    def latency_ms(self, student: nn.Module) -> float | None:
+        """The student's onnxruntime latency at batch 1, when the target asks for one."""
+        return _latency_ms(student, self.data) if self.target.latency_ms is not None else None
 
-    # --- the DKDP loop -------------------------------------------------------------------------
-    max_attempts = recipe.prune.steps + recipe.prune.max_retries
-    while not state.pruning_done:
-        macs, params = count_macs_params(student, example)
-        latency = _latency_ms(student, data) if target.latency_ms is not None and prune else None
-        if not prune or meets(macs, params, latency) or state.attempts >= max_attempts:
-            state.pruning_done = True
-            break
-        state.attempts += 1
-        k = state.accepted_steps + 1
-        t0 = time.perf_counter()
-        steps_left = max(recipe.prune.steps - state.accepted_steps, 1)
-        last = state.attempts == max_attempts
-        # The last attempt goes to the target whatever the aggressiveness: a student short of the
-        # resource target fails the gate at any accuracy, one at the target may still win its
-        # accuracy back in the final distillation.
-        aim = target_macs if last and target_macs is not None else \
-            _next_macs(macs, target_macs, steps_left, state.aggressiveness)
-        before = copy.deepcopy(student)
-        torch.manual_seed(recipe.seed + 1000 * state.attempts)
-        tau, new_history = _prune_step(recipe, student, example, data, device, aim, k, reporter,
-                                       None if last else state.failed_macs)
-        new_macs, new_params = count_macs_params(student, example)
-        reporter.info(f"step {k}: τ={tau if tau is None else round(tau, 4)}  MACs {macs:,} → {new_macs:,} "
-                      f"({new_macs / t_macs:.3f} of teacher), params {new_params:,}")
+
+@dataclass
+class Attempt:
+    """One pruning step tried on the student, before it is kept or undone."""
+
+    k: int                  # the step number it would become
+    aim: float              # the MACs it aimed at
+    before: nn.Module       # the student before it, to undo it
+    macs: int               # MACs and parameters before it
+    params: int
+    tau: float | None = None
+    history: list = field(default_factory=list)    # the pruning history it added
+    new_macs: int = 0
+    new_params: int = 0
+    train_history: list = field(default_factory=list)
+    lam: dict | None = None
+    accuracy: float = float("nan")
+    latency: float | None = None
+    diverged: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Loop:
+    """The DKDP loop over one run (see the module docstring)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.state = ctx.rd.load_state()
+        self.student, self.sinfo = self._initial_student()
+        # The teacher that teaches: the original, or its fine-tuned copy (distill.train_teacher).
+        # The original stays the reference of the accuracy budget and of the reports.
+        self.teaching = ctx.load(self.state.teacher_file)[0] if self.state.teacher_file else ctx.teacher
+        self.cache = None  # the teacher cache, shared by the run's distillations from one teacher
+
+    @property
+    def max_attempts(self) -> int:
+        return self.ctx.recipe.prune.steps + self.ctx.recipe.prune.max_retries
+
+    # --- the steps ------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Attempt, then accept or undo, until the target is met or the attempts are spent."""
+        while not self.state.pruning_done:
+            macs, params = count_macs_params(self.student, self.ctx.example)
+            latency = self.ctx.latency_ms(self.student) if self.ctx.prune else None
+            if (not self.ctx.prune or self.ctx.target.met(macs, params, latency)
+                    or self.state.attempts >= self.max_attempts):
+                self.state.pruning_done = True
+                break
+            self.judge(self.attempt(macs, params))
+
+    def aim(self, macs: int) -> float:
+        """The MACs the next attempt aims at. The last attempt goes to the target whatever the
+        aggressiveness: a student short of the resource target fails the gate at any accuracy,
+        one at the target may still win its accuracy back in the final distillation."""
+        target = self.ctx.target
+        if self.state.attempts == self.max_attempts and target.macs is not None:
+            return target.macs
+        steps_left = max(self.ctx.recipe.prune.steps - self.state.accepted_steps, 1)
+        return target.next_macs(macs, steps_left, self.state.aggressiveness)
+
+    def attempt(self, macs: int, params: int) -> Attempt:
+        """Prune toward the aim, distil, evaluate; the student is left pruned (``judge`` decides)."""
+        ctx, state = self.ctx, self.state
+        state.attempts += 1  # counted before aiming: the attempt number seeds it and marks the last
+        a = Attempt(k=state.accepted_steps + 1, aim=self.aim(macs), before=copy.deepcopy(self.student),
+                    macs=macs, params=params)
+        last = state.attempts == self.max_attempts
+        torch.manual_seed(ctx.recipe.seed + 1000 * state.attempts)
+        a.tau, a.history = _prune_step(ctx.recipe, self.student, ctx.example, ctx.data, ctx.device, a.aim, a.k,
+                                       ctx.reporter, None if last else state.failed_macs)
+        a.new_macs, a.new_params = count_macs_params(self.student, ctx.example)
+        t_macs = ctx.target.teacher_macs
+        ctx.reporter.info(f"step {a.k}: τ={a.tau if a.tau is None else round(a.tau, 4)}  MACs {macs:,} → "
+                          f"{a.new_macs:,} ({a.new_macs / t_macs:.3f} of teacher), params {a.new_params:,}")
         try:
-            hist, lam = _distil(recipe, teaching, student, data, device, granularity, val, reporter,
-                                f"step {k}", recipe.distill.train, seed=recipe.seed + 1000 * state.attempts,
-                                shared=shared)
+            a.train_history, a.lam = self._distil(self.teaching, self.student, f"step {a.k}", ctx.recipe.distill.train,
+                                                  seed=ctx.recipe.seed + 1000 * state.attempts)
         except TrainingDiverged as exc:
-            reporter.info(f"step {k}: {exc}; keeping the last good student")
-            student = before
+            a.diverged = str(exc)
+            return a
+        a.accuracy = _last_val(a.train_history, self.student, ctx.val, ctx.device)
+        a.latency = ctx.latency_ms(self.student)
+        return a
+
+    def judge(self, a: Attempt) -> None:
+        """Accept the attempt or undo it, adapting the aggressiveness; the state changes here only."""
+        ctx, state = self.ctx, self.state
+        budget = ctx.target.max_accuracy_drop
+        if a.diverged is not None:
+            ctx.reporter.info(f"step {a.k}: {a.diverged}; keeping the last good student")
+            self.student = a.before
             state.aggressiveness /= 2
-            state.records.append(asdict(StepRecord(k, state.attempts, tau, state.aggressiveness, aim, macs, params,
-                                                   macs / t_macs, params / t_params, float("nan"), float("nan"),
-                                                   False, f"diverged: {exc}", time.perf_counter() - t0)))
-            rd.write_metrics(state.records)
-            rd.write_json("state.json", asdict(state))
-            continue
-        acc = _last_val(hist, student, val, device)
-        drop = t_val - acc
-        latency = _latency_ms(student, data) if target.latency_ms is not None else None
-        retries_left = state.attempts < max_attempts
+            self._record(StepRecord(a.k, state.attempts, a.tau, state.aggressiveness, a.aim, a.macs, a.params,
+                                    a.macs / ctx.target.teacher_macs, a.params / ctx.target.teacher_params,
+                                    float("nan"), float("nan"), False, f"diverged: {a.diverged}",
+                                    time.perf_counter() - a.started))
+            return
+        drop = ctx.target.drop(a.accuracy)
         # Right after its short distillation a step may cost up to step_tolerance x the budget:
         # later steps and the final distillation win part of it back; the result must meet it.
-        allowed = recipe.prune.step_tolerance * budget
+        allowed = ctx.recipe.prune.step_tolerance * budget
         t_acc = None  # the teaching teacher's accuracy, when it is fine-tuned after this step
-        if drop > allowed and retries_left and state.aggressiveness > 1 / 16:
+        if drop > allowed and state.attempts < self.max_attempts and state.aggressiveness > 1 / 16:
             state.aggressiveness /= 2
-            state.failed_macs = new_macs
+            state.failed_macs = a.new_macs
             accepted, reason = False, (f"accuracy drop {100 * drop:.2f} pt > {100 * allowed:.2f} pt a step may leave: "
                                        f"undone, aggressiveness halved to {state.aggressiveness:.3g}")
-            student = before
+            self.student = a.before
         else:
             accepted = True
             state.failed_macs = None
@@ -353,145 +266,170 @@ def _compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: 
             else:
                 reason = (f"drop {100 * drop:.2f} pt within the {100 * allowed:.2f} pt a step may leave: aggressiveness "
                           f"kept at {state.aggressiveness:.3g}")
-            state.accepted_steps = k
-            sinfo.pruning_history = sinfo.pruning_history + new_history
-            path = f"steps/step_{k:03d}.kdc"
-            _save_model(rd.path / path, student, sinfo, recipe, data,
-                        {"val_accuracy": acc, "macs": new_macs, "params": new_params, "step": k})
-            state.student_file = path
-            if lam is not None:
-                state.vid_lambda[path] = lam
-            if meets(new_macs, new_params, latency) and drop <= budget and acc > state.best_val:
-                state.best_file, state.best_val = path, acc
-            if recipe.distill.train_teacher is not None:
-                teaching = copy.deepcopy(teacher) if teaching is teacher else teaching
-                t_acc = _train_teacher(recipe, teaching, student, data, device, val, reporter, f"teacher {k}",
-                                       seed=recipe.seed + 1000 * state.attempts + 500)
-                state.teacher_file = f"steps/teacher_{k:03d}.kdc"
-                _save_model(rd.path / state.teacher_file, teaching, tinfo, recipe, data,
-                            {"val_accuracy": t_acc, "after_step": k}, role="teacher")
-                shared.pop("teacher_cache", None)  # its outputs changed
-                reporter.info(f"step {k}: teacher fine-tuned, val {100 * t_acc:.2f}%")
-        reporter.info(f"step {k}: val {100 * acc:.2f}% (drop {100 * drop:.2f} pt) — {reason}")
-        state.records.append(asdict(StepRecord(k, state.attempts, tau, state.aggressiveness, aim, new_macs,
-                                               new_params, new_macs / t_macs, new_params / t_params, acc, drop,
-                                               accepted, reason, time.perf_counter() - t0, latency, hist,
-                                               t_acc)))
-        rd.write_metrics(state.records)
-        rd.write_json("state.json", asdict(state))
+            t_acc = self._keep(a, drop)
+        ctx.reporter.info(f"step {a.k}: val {100 * a.accuracy:.2f}% (drop {100 * drop:.2f} pt) — {reason}")
+        self._record(StepRecord(a.k, state.attempts, a.tau, state.aggressiveness, a.aim, a.new_macs, a.new_params,
+                                a.new_macs / ctx.target.teacher_macs, a.new_params / ctx.target.teacher_params,
+                                a.accuracy, drop, accepted, reason, time.perf_counter() - a.started, a.latency,
+                                a.train_history, t_acc))
 
-    # --- pure distillation into a declared student, or final fine-tuning ------------------------
-    if not state.finished:
-        epochs = recipe.prune.final_epochs if prune else recipe.distill.train.epochs
-        if epochs > 0:
-            if state.best_file:
-                student, sinfo = _load_model(rd.path / state.best_file, recipe, data, device)
-            cfg = recipe.distill.train.model_copy(update={"epochs": epochs})
-            hist, lam = _distil(recipe, teaching, student, data, device, granularity, val, reporter, "distil", cfg,
-                                seed=recipe.seed + 999_999, shared=shared)
-            acc = _last_val(hist, student, val, device)
-            macs, params = count_macs_params(student, example)
-            path = "steps/final.kdc"
-            _save_model(rd.path / path, student, sinfo, recipe, data, {"val_accuracy": acc, "macs": macs, "params": params})
-            state.student_file = path
-            if lam is not None:
-                state.vid_lambda[path] = lam
-            latency = _latency_ms(student, data) if target.latency_ms is not None else None
-            if meets(macs, params, latency) and t_val - acc <= budget and acc >= state.best_val:
-                state.best_file, state.best_val = path, acc
-        state.finished = True
-        rd.write_json("state.json", asdict(state))
+    def _keep(self, a: Attempt, drop: float) -> float | None:
+        """A kept step: saved as ``steps/step_NNN.kdc``, the best so far if it meets the target
+        within the budget, and the teaching teacher fine-tuned toward it when the recipe asks."""
+        ctx, state = self.ctx, self.state
+        state.accepted_steps = a.k
+        self.sinfo.pruning_history = self.sinfo.pruning_history + a.history
+        name = f"steps/step_{a.k:03d}.kdc"
+        ctx.save(name, self.student, self.sinfo,
+                 {"val_accuracy": a.accuracy, "macs": a.new_macs, "params": a.new_params, "step": a.k})
+        state.student_file = name
+        if a.lam is not None:
+            state.vid_lambda[name] = a.lam
+        if (ctx.target.met(a.new_macs, a.new_params, a.latency) and drop <= ctx.target.max_accuracy_drop
+                and a.accuracy > state.best_val):
+            state.best_file, state.best_val = name, a.accuracy
+        if ctx.recipe.distill.train_teacher is None:
+            return None
+        self.teaching = copy.deepcopy(ctx.teacher) if self.teaching is ctx.teacher else self.teaching
+        t_acc = self._train_teacher(f"teacher {a.k}", seed=ctx.recipe.seed + 1000 * state.attempts + 500)
+        state.teacher_file = f"steps/teacher_{a.k:03d}.kdc"
+        ctx.save(state.teacher_file, self.teaching, ctx.tinfo, {"val_accuracy": t_acc, "after_step": a.k},
+                 role="teacher")
+        self.cache = None  # its outputs changed
+        ctx.reporter.info(f"step {a.k}: teacher fine-tuned, val {100 * t_acc:.2f}%")
+        return t_acc
 
-    # --- the result ----------------------------------------------------------------------------
-    chosen = state.best_file or state.student_file
-    if chosen is not None:
-        student, sinfo = _load_model(rd.path / chosen, recipe, data, device)
-    s_macs, s_params = count_macs_params(student, example)
-    s_val = evaluate(student, val, device)["accuracy"]
-    student_summary = {"model": sinfo.name, "file": "student.kdc", "from": chosen, "macs": s_macs, "params": s_params,
-                       "val_accuracy": s_val, "macs_ratio": s_macs / t_macs, "params_ratio": s_params / t_params}
-    if test is not None:
-        student_summary["test_accuracy"] = evaluate(student, test, device)["accuracy"]
-    _save_model(rd.path / "student.kdc", student, sinfo, recipe, data, student_summary)
+    def _record(self, record: StepRecord) -> None:
+        self.state.records.append(asdict(record))
+        self.ctx.rd.write_metrics(self.state.records)
+        self.ctx.rd.write_json("state.json", asdict(self.state))
 
-    failures = []
-    latency = _latency_ms(student, data) if target.latency_ms is not None else None
-    if not meets(s_macs, s_params, latency):
-        failures.append(_unmet(s_macs, s_params, latency, target_macs, target_params, target.latency_ms, t_macs, t_params))
-    if t_val - s_val > budget + 1e-12:
-        failures.append(f"accuracy drop {100 * (t_val - s_val):.2f} pt > max_accuracy_drop {100 * budget:.2f} pt")
-    result = CompressResult(rd.path, teacher_summary, student_summary, state.records, not failures, failures,
-                            vid_lambda=state.vid_lambda.get(chosen))
+    def finish(self, do_export: bool) -> CompressResult:
+        """The final distillation, then the chosen student: written, judged, exported, reported."""
+        ctx, state = self.ctx, self.state
+        if not state.finished:
+            self._final_distillation()
+            state.finished = True
+            ctx.rd.write_json("state.json", asdict(state))
+        chosen = state.best_file or state.student_file
+        student, sinfo = ctx.load(chosen) if chosen is not None else (self.student, self.sinfo)
+        s_macs, s_params = count_macs_params(student, ctx.example)
+        s_val = evaluate(student, ctx.val, ctx.device)["accuracy"]
+        t = ctx.target
+        summary = {"model": sinfo.name, "file": "student.kdc", "from": chosen, "macs": s_macs, "params": s_params,
+                   "val_accuracy": s_val, "macs_ratio": s_macs / t.teacher_macs,
+                   "params_ratio": s_params / t.teacher_params}
+        if ctx.test is not None:
+            summary["test_accuracy"] = evaluate(student, ctx.test, ctx.device)["accuracy"]
+        ctx.save("student.kdc", student, sinfo, summary)
+        failures = t.failures(s_macs, s_params, ctx.latency_ms(student), s_val)
+        result = CompressResult(ctx.rd.path, ctx.teacher_summary, summary, state.records, not failures, failures,
+                                vid_lambda=state.vid_lambda.get(chosen))
+        if do_export:
+            result.export, gate_failures = _export(ctx, student, sinfo)
+            result.gate_failures = failures + gate_failures
+        ctx.rd.write_json("result.json", result.to_json())
+        if is_main_process():
+            from kdcli.reports.compress import write_compress_report  # the report pulls in the charts
 
-    if do_export if do_export is not None else recipe.export.enabled:
-        from kdcli.export.onnx import run_export
+            write_compress_report(result, ctx.rd.path)
+        return result
 
-        x_eval, y_eval = data.eval_tensors("test" if data.test is not None else "val", torch.device("cpu"))
-        try:
-            result.export = run_export(
-                student.cpu(), export_info(sinfo, data), rd.path / "export", teacher=teacher.cpu(),
-                teacher_info=export_info(tinfo, data), x_eval=x_eval, y_eval=y_eval,
-                batch_sizes=tuple(recipe.export.batch_sizes), opset=recipe.export.opset,
-                gates=recipe.export.fail_if, time_budget_s=recipe.export.latency_budget_s, reporter=reporter)
-        except GateError as exc:  # the export report is written; the verdict joins the others
-            result.export = exc.report
-            failures += exc.report["gates"]["failures"]
-        result.gate_failures = failures
-    rd.write_json("result.json", result.to_json())
-    if is_main_process():
-        from kdcli.reports.compress import write_compress_report
+    def _final_distillation(self) -> None:
+        ctx, state = self.ctx, self.state
+        epochs = ctx.recipe.prune.final_epochs if ctx.prune else ctx.recipe.distill.train.epochs
+        if epochs <= 0:
+            return
+        if state.best_file:
+            self.student, self.sinfo = ctx.load(state.best_file)
+        cfg = ctx.recipe.distill.train.model_copy(update={"epochs": epochs})
+        hist, lam = self._distil(self.teaching, self.student, "distil", cfg, seed=ctx.recipe.seed + 999_999)
+        acc = _last_val(hist, self.student, ctx.val, ctx.device)
+        macs, params = count_macs_params(self.student, ctx.example)
+        name = "steps/final.kdc"
+        ctx.save(name, self.student, self.sinfo, {"val_accuracy": acc, "macs": macs, "params": params})
+        state.student_file = name
+        if lam is not None:
+            state.vid_lambda[name] = lam
+        if (ctx.target.met(macs, params, ctx.latency_ms(self.student))
+                and ctx.target.drop(acc) <= ctx.target.max_accuracy_drop and acc >= state.best_val):
+            state.best_file, state.best_val = name, acc
 
-        write_compress_report(result, rd.path)
-    return result
+    # --- distillations --------------------------------------------------------------------------
+    def _distil(self, teacher, student, label: str, cfg, seed: int) -> tuple[list, dict | None]:
+        """The recipe's distillation of ``teacher`` into ``student``; the teacher cache carries over."""
+        hist, lam, self.cache = _distil(self.ctx, teacher, student, label, cfg, seed, self.cache)
+        return hist, lam
 
+    def _train_teacher(self, label: str, seed: int) -> float:
+        """Fine-tune the teaching teacher in place (``distill.train_teacher``, see
+        :class:`kdcli.config.recipe.TeacherTrainingSpec`): cross-entropy plus ``kd_weight`` × KD
+        toward a frozen copy of the student. Returns its validation accuracy; it is left frozen."""
+        ctx, teaching = self.ctx, self.teaching
+        spec = ctx.recipe.distill.train_teacher
+        cfg = ctx.recipe.distill.train.model_copy(update={"epochs": spec.epochs, "lr": spec.lr})
+        for p in teaching.parameters():
+            p.requires_grad_(True)
+        # the roles swap: a frozen copy of the student teaches (a KD term of weight 0 is left out)
+        losses = [CE(weight=1.0), KD(temperature=spec.temperature, weight=spec.kd_weight)]
+        hist, _, _ = _distil(ctx, copy.deepcopy(self.student), teaching, label, cfg, seed, None, losses=losses,
+                             granularity=False)
+        teaching.eval()
+        for p in teaching.parameters():
+            p.requires_grad_(False)
+        return _last_val(hist, teaching, ctx.val, ctx.device)
 
-def _unmet(macs, params, latency, t_macs, t_params, t_lat, ref_macs, ref_params) -> str:
-    parts = []
-    if t_macs is not None and macs > t_macs * 1.0001:
-        parts.append(f"MACs {macs / ref_macs:.3f} of teacher > target {t_macs / ref_macs:.3f}")
-    if t_params is not None and params > t_params * 1.0001:
-        parts.append(f"params {params:,} > target {int(t_params):,}")
-    if t_lat is not None and (latency is None or latency > t_lat):
-        parts.append(f"latency {latency:.3f} ms > target {t_lat} ms")
-    return "target not met: " + "; ".join(parts)
-
-
-def _initial_student(recipe, data, teacher, tinfo, state, rd, device):
-    if state.student_file:
-        return _load_model(rd.path / state.student_file, recipe, data, device)
-    if recipe.student.model is None:
-        student = copy.deepcopy(teacher)
-        info = ModelInfo(tinfo.name, dict(tinfo.args), tuple(data.input_shape), data.num_classes,
-                         list(tinfo.pruning_history), {})
-    else:
-        from kdcli.models import build_model
-
-        torch.manual_seed(recipe.seed + 7)
-        student = build_model(recipe.student.model, recipe.student.model_args, input_shape=data.input_shape,
-                              num_classes=data.num_classes, base_dir=recipe.base_dir).to(device)
-        info = ModelInfo(absolute_spec(recipe.student.model, recipe.base_dir), dict(recipe.student.model_args), tuple(data.input_shape),
-                         data.num_classes)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    return student, info
-
-
-def _load_model(path: Path, recipe, data, device):
-    if not Path(path).is_file():
-        raise InputError(f"{path}: missing from the run directory (the run's state names it); restore it, or "
-                         "start afresh with --overwrite")
-    model, info = load_model_any(path, spec_name=None, spec_args=None, input_shape=data.input_shape,
-                                 num_classes=data.num_classes, base_dir=recipe.base_dir, allow=recipe_models(recipe))
-    return model.to(device), info
-
-
-def _save_model(path: Path, model, info: ModelInfo, recipe, data, metrics: dict, role: str = "student") -> None:
-    info = copy.copy(info)
-    info.metadata = {**data_metadata(data), "recipe_sha256": recipe.sha256, "metrics": metrics, "role": role}
-    save_model(path, model, info)
+    def _initial_student(self) -> tuple[nn.Module, ModelInfo]:
+        ctx = self.ctx
+        if self.state.student_file:
+            return ctx.load(self.state.student_file)
+        recipe, data = ctx.recipe, ctx.data
+        if recipe.student.model is None:
+            student = copy.deepcopy(ctx.teacher)
+            info = ModelInfo(ctx.tinfo.name, dict(ctx.tinfo.args), tuple(data.input_shape), data.num_classes,
+                             list(ctx.tinfo.pruning_history), {})
+        else:
+            torch.manual_seed(recipe.seed + 7)
+            student = build_model(recipe.student.model, recipe.student.model_args, input_shape=data.input_shape,
+                                  num_classes=data.num_classes, base_dir=recipe.base_dir).to(ctx.device)
+            info = ModelInfo(absolute_spec(recipe.student.model, recipe.base_dir), dict(recipe.student.model_args),
+                             tuple(data.input_shape), data.num_classes)
+        for p in student.parameters():
+            p.requires_grad_(True)
+        return student, info
 
 
-def _granularity(recipe):
+# ----------------------------------------------------------------------------- the pieces
+
+
+def _distil(ctx: Context, teacher, student, label: str, cfg, seed: int, cache, losses=None, granularity=None):
+    """One distillation with the recipe's losses (or ``losses``): ``(history, λ or None, cache)``.
+    A module-level function so that tests can interrupt a run at a chosen distillation."""
+    res = distil(teacher, student, ctx.recipe.distill.losses if losses is None else losses, ctx.data, cfg,
+                 device=ctx.device, val=ctx.val, seed=seed, cache_teacher=ctx.recipe.distill.cache_teacher,
+                 cache=cache, granularity=ctx.granularity if granularity is None else (granularity or None),
+                 progress=lambda m: ctx.reporter.metrics(label, m))
+    return res.history, res.lambda_report, res.cache
+
+
+def _export(ctx: Context, student: nn.Module, sinfo: ModelInfo) -> tuple[dict, list[str]]:
+    """The chosen student exported next to the teacher; returns the export report and its gate failures."""
+    from kdcli.export.onnx import run_export  # onnx and onnxruntime load only when exporting
+
+    data, recipe = ctx.data, ctx.recipe
+    x_eval, y_eval = data.eval_tensors("test" if data.test is not None else "val", torch.device("cpu"))
+    try:
+        report = run_export(
+            student.cpu(), export_info(sinfo, data), ctx.rd.path / "export", teacher=ctx.teacher.cpu(),
+            teacher_info=export_info(ctx.tinfo, data), x_eval=x_eval, y_eval=y_eval,
+            batch_sizes=tuple(recipe.export.batch_sizes), opset=recipe.export.opset,
+            gates=recipe.export.fail_if, time_budget_s=recipe.export.latency_budget_s, reporter=ctx.reporter)
+    except GateError as exc:  # the export report is written; the verdict joins the others
+        return exc.report, list(exc.report["gates"]["failures"])
+    return report, []
+
+
+def _granularity(recipe: Recipe):
     if not recipe.distill.granularity:
         return None
     from kdcli.analyze.granularity import GranularityMap
@@ -499,7 +437,7 @@ def _granularity(recipe):
     return GranularityMap.load(recipe.resolve(recipe.distill.granularity))
 
 
-def _score_batches(recipe, data, device):
+def _score_batches(recipe: Recipe, data: DataBundle, device) -> list:
     loader = data.loader("train", train=False, device=device, seed=recipe.seed)
     out = []
     for i, batch in enumerate(loader):
@@ -513,8 +451,6 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
     """Score, choose τ for ``aim_macs`` and prune ``student`` in place; returns (τ, history).
     ``failed_macs``: an undone attempt of this step cut to these MACs, so τ is lowered until the
     plan cuts less (coarse plans, e.g. with ``round_to``, would otherwise repeat it)."""
-    from kdcli.prune.pruner import StructuredPruner
-
     pruner = StructuredPruner(student, example, importance=recipe.prune.importance,
                               ignored_layers=recipe.prune.ignored_layers, round_to=recipe.prune.round_to)
     if k == 1:
@@ -551,49 +487,6 @@ def _suggested_ratios(path: Path) -> dict[str, float]:
         raise InputError(f"prune.ratios_from: {path} holds no suggested_ratios (expected analysis.json from `kdcli analyze`)") from None
 
 
-def _distil(recipe, teacher, student, data, device, granularity, val, reporter, label, cfg, seed, shared,
-            losses=None):
-    """Distil ``teacher`` into ``student`` for ``cfg.epochs`` epochs with ``losses`` (the recipe's
-    by default); returns (the fit's history, λ of the VID term or None). ``shared`` carries what
-    successive calls with the same teacher reuse (the teacher cache)."""
-    from kdcli.distill.distiller import Distiller
-
-    torch.manual_seed(seed)
-    example = torch.zeros(2, *data.input_shape, device=device)
-    distiller = Distiller(teacher, student, recipe.distill.losses if losses is None else losses, example,
-                          granularity=granularity).to(device)
-    loader = data.loader("train", train=True, device=device, seed=seed)
-    if recipe.distill.cache_teacher and not loader.augmented:
-        # one cache for the whole run: same frozen teacher, same losses, same split every step
-        shared["teacher_cache"] = distiller.enable_teacher_cache(len(data.train.y), cache=shared.get("teacher_cache"))
-        # Filled in index order, not in the first shuffled epoch's: a batch's outputs differ in
-        # the last bits with its composition, and a resumed run must see the same cache.
-        distiller.fill_teacher_cache(data.loader("train", train=False, device=device, rank=0, world_size=1))
-    res = fit(student, loader, cfg, objective=distiller, extra_modules=[distiller], val_batches=val, device=device,
-              progress=lambda m: reporter.metrics(label, m), before_epoch=distiller.set_epoch)
-    return res.history, distiller.lambda_report()
-
-
-def _train_teacher(recipe, teaching, student, data, device, val, reporter, label, seed) -> float:
-    """Fine-tune ``teaching`` in place (``distill.train_teacher``, see
-    :class:`kdcli.config.recipe.TeacherTrainingSpec`): cross-entropy plus ``kd_weight`` × KD toward a
-    frozen copy of ``student``. Returns its validation accuracy afterwards; it is left frozen."""
-    from kdcli.config.losses import CE, KD
-
-    spec = recipe.distill.train_teacher
-    cfg = recipe.distill.train.model_copy(update={"epochs": spec.epochs, "lr": spec.lr})
-    for p in teaching.parameters():
-        p.requires_grad_(True)
-    # the roles swap: a frozen copy of the student teaches (a KD term of weight 0 is left out)
-    losses = [CE(weight=1.0), KD(temperature=spec.temperature, weight=spec.kd_weight)]
-    hist, _ = _distil(recipe, copy.deepcopy(student), teaching, data, device, None, val, reporter, label, cfg, seed,
-                      shared={}, losses=losses)
-    teaching.eval()
-    for p in teaching.parameters():
-        p.requires_grad_(False)
-    return _last_val(hist, teaching, val, device)
-
-
 def _last_val(history: list, student, val, device) -> float:
     """Validation accuracy of ``student`` now: fit() measured it after the last epoch."""
     if history and "val_accuracy" in history[-1]:
@@ -603,10 +496,8 @@ def _last_val(history: list, student, val, device) -> float:
 
 def _latency_ms(student, data) -> float:
     """Median onnxruntime latency at batch 1 (for latency targets)."""
-    import tempfile
-
-    from kdcli.export.onnx import export_onnx
     from kdcli.export.latency import measure_latency
+    from kdcli.export.onnx import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"

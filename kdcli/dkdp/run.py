@@ -1,10 +1,180 @@
-"""The run directory of ``kdcli compress``: the lock that keeps it to one run at a time. Its
-files are written atomically through :mod:`kdcli.files`."""
+"""The run directory of ``kdcli compress``: what it holds (``recipe.yaml``, ``run.json``,
+``state.json`` with the step records, ``metrics.jsonl``, step model files), starting and resuming
+a run, and the lock that keeps a directory to one run at a time. Files are written atomically
+(:mod:`kdcli.files`) and by rank 0 only."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from kdcli.config.recipe import Recipe, load_recipe, parse_recipe
+from kdcli.errors import InputError
+from kdcli.files import atomic_write_json, atomic_write_text
+from kdcli.models.utils import is_main_process
+
+STATE_VERSION = 1
+
+
+@dataclass
+class StepRecord:
+    """One DKDP step attempt, as logged."""
+
+    step: int
+    attempt: int
+    tau: float | None
+    aggressiveness: float
+    target_macs: float | None
+    macs: int
+    params: int
+    macs_ratio: float
+    params_ratio: float
+    val_accuracy: float
+    accuracy_drop: float
+    accepted: bool
+    reason: str
+    seconds: float
+    latency_ms: float | None = None
+    train_history: list = field(default_factory=list)
+    teacher_val_accuracy: float | None = None  # the teaching teacher after distill.train_teacher
+
+
+@dataclass
+class State:
+    """What ``state.json`` holds: enough to continue after the last finished step."""
+
+    version: int = STATE_VERSION
+    accepted_steps: int = 0
+    attempts: int = 0
+    aggressiveness: float = 1.0
+    records: list = field(default_factory=list)
+    student_file: str | None = None
+    best_file: str | None = None
+    best_val: float = -1.0
+    pruning_done: bool = False
+    finished: bool = False
+    failed_macs: int | None = None  # MACs the last undone attempt cut to: its retry must cut less
+    vid_lambda: dict = field(default_factory=dict)  # student file -> λ of the distillation that made it
+    teacher_file: str | None = None  # the teaching teacher, when distill.train_teacher fine-tunes it
+
+
+class RunDir:
+    """The run directory's files, written atomically and by rank 0 only."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write_json(self, name: str, obj) -> None:
+        if is_main_process():
+            atomic_write_json(self.path / name, obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        if is_main_process():
+            atomic_write_text(self.path / name, text)
+
+    def write_metrics(self, records: list[dict]) -> None:
+        self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    def load_state(self) -> State:
+        try:
+            obj = json.loads((self.path / "state.json").read_text())
+            return State(**obj)
+        except FileNotFoundError:
+            return State()
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise InputError(f"{self.path / 'state.json'}: unreadable run state ({exc})") from None
+
+
+_RUN_FILES = ("state.json", "run.json", "metrics.jsonl", "result.json", "student.kdc")
+
+
+def start_run(recipe_path: Path | None, *, out_dir: Path | None = None, overrides=(), recipe_text: str | None = None,
+              overwrite: bool = False) -> tuple[Recipe, Path]:
+    """Validate the recipe, lock the run directory (:class:`kdcli.dkdp.run.RunLock`, held until
+    :func:`compress` ends) and prepare it for a fresh run.
+
+    A directory that holds an earlier run (one that finished a step: ``state.json``) is refused
+    unless ``overwrite``; then that run's state, steps and student are removed (a ``teacher.kdc``
+    stays: it is reused only if it was trained from the same seed, data and teacher spec). A
+    directory whose run never finished a step (it failed on its data or model, say) is simply
+    started again. A directory locked by a live run is refused, ``overwrite`` or not."""
+    if recipe_text is None:
+        recipe = load_recipe(recipe_path, overrides)
+        recipe_text = Path(recipe_path).read_text()
+    else:
+        recipe = parse_recipe(recipe_text, str(recipe_path), recipe_path, overrides)
+    run_dir = Path(out_dir) if out_dir else recipe.default_out_dir()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out {run_dir}: is a file; a run directory is needed")
+    lock = RunLock.acquire(run_dir)
+    try:
+        if (run_dir / "state.json").exists():
+            if not overwrite:
+                raise InputError(f"{run_dir}: already holds a run; continue it with --resume {run_dir}, "
+                                 "start afresh with --overwrite, or choose another directory with --out")
+        for name in _RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "steps", ignore_errors=True)
+        rd = RunDir(run_dir)
+        rd.write_text("recipe.yaml", recipe_text)
+        rd.write_json("run.json", {"recipe_path": str(Path(recipe_path).resolve()) if recipe_path else None,
+                                   "overrides": list(overrides), "recipe_sha256": recipe.sha256,
+                                   "recipe": recipe.model_dump(mode="json", by_alias=True),
+                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except BaseException:
+        lock.release()
+        raise
+    return recipe, run_dir
+
+
+def resume_recipe(run_dir: Path, *, force: bool = False) -> Recipe:
+    """The recipe of an existing run, with paths resolving against the original recipe's folder.
+
+    A recipe copy changed since the run started (its hash differs from ``run.json``'s) is refused,
+    naming the changed keys, unless ``force``; then ``run.json`` records the new hash."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"--resume {run_dir}: no such run directory")
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+        text = (run_dir / "recipe.yaml").read_text()
+    except FileNotFoundError:
+        raise InputError(f"--resume {run_dir}: not a kdcli run directory (no run.json / recipe.yaml)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{run_dir / 'run.json'}: unreadable run metadata ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{run_dir / 'run.json'}: unreadable run metadata (expected a mapping)")
+    orig = Path(meta["recipe_path"]) if meta.get("recipe_path") else run_dir / "recipe.yaml"
+    recipe = parse_recipe(text, str(run_dir / "recipe.yaml"), orig, meta.get("overrides", []))
+    if meta.get("recipe_sha256") and recipe.sha256 != meta["recipe_sha256"]:
+        # Runs started before run.json kept the recipe cannot name keys: any change counts.
+        changed = (_changed_keys(meta["recipe"], recipe.model_dump(mode="json", by_alias=True))
+                   if "recipe" in meta else ["(unknown keys)"])
+        if changed and not force:
+            raise InputError(f"{run_dir / 'recipe.yaml'}: changed since the run started"
+                             f"{' (' + ', '.join(changed[:6]) + ')' if changed else ''}; resuming would mix two "
+                             "recipes: restore it, start afresh with --overwrite, or pass --force to continue")
+        RunDir(run_dir).write_json("run.json", {**meta, "recipe_sha256": recipe.sha256,
+                                                "recipe": recipe.model_dump(mode="json", by_alias=True)})
+    return recipe
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    """The dotted key paths whose values differ between two recipe dumps (old may be None)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _changed_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [k for i, (a, b) in enumerate(zip(old, new)) for k in _changed_keys(a, b, f"{prefix}[{i}]")]
+    return [] if old == new else [prefix or "(recipe)"]
+
+
 
 
 class RunLock:
