@@ -1,7 +1,7 @@
 """The ``kdcli`` command line: argument parsing, console output and exit codes. No ML logic.
 
 Each command is a thin shell over a library function (``kdcli.dkdp.compress.compress``,
-``kdcli.export.onnx.run_export``, ``kdcli.analyze.analysis.analyze``, ...). Heavy imports (torch, onnx)
+``kdcli.export.onnx.export_report``, ``kdcli.analyze.analysis.analyze``, ...). Heavy imports (torch, onnx)
 happen inside command bodies so that ``kdcli --help`` answers fast.
 
 Exit codes: 0 ok, 1 unexpected failure, 2 bad input or usage, 3 a quality gate was not met,
@@ -344,7 +344,7 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     """Export to ONNX, verify against PyTorch in onnxruntime, and report latency and accuracy."""
     import torch
 
-    from kdcli.export.onnx import run_export
+    from kdcli.export.onnx import export_report
     from kdcli.config.recipe import load_recipe
     from kdcli.models.file import export_info
 
@@ -371,18 +371,15 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     exp = rec.export if rec is not None else None
     bs = _split_ints(batch_sizes, "--batch-sizes") if batch_sizes else (list(exp.batch_sizes) if exp else [1, 64])
     gates = list(fail_if or []) or (list(exp.fail_if) if exp else [])
-    try:
-        report = run_export(s_model.cpu().eval(), export_info(s_info, data), out,
-                            teacher=None if t_model is None else t_model.cpu().eval(),
-                            teacher_info=None if t_info is None else export_info(t_info, data),
-                            x_eval=x_eval, y_eval=y_eval, batch_sizes=tuple(bs),
-                            opset=opset or (exp.opset if exp else 18), gates=gates,
-                            time_budget_s=exp.latency_budget_s if exp else 2.0, reporter=rep)
-    except GateError as exc:  # the reports are written: show them, then exit 3
-        report = exc.report
-    failures = report["gates"]["failures"]
+    report = export_report(s_model.cpu().eval(), export_info(s_info, data), out,
+                           teacher=None if t_model is None else t_model.cpu().eval(),
+                           teacher_info=None if t_info is None else export_info(t_info, data),
+                           x_eval=x_eval, y_eval=y_eval, batch_sizes=tuple(bs),
+                           opset=opset or (exp.opset if exp else 18), gates=gates,
+                           time_budget_s=exp.latency_budget_s if exp else 2.0, reporter=rep)
+    failures = report.gates.failures  # the reports are written either way: show them, then exit 3
     if json_out:
-        _emit_json({**report, "gate_failures": failures})
+        _emit_json({**report.to_json(), "gate_failures": failures})
     else:
         from kdcli.reports.export import summary_table
 

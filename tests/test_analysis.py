@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -154,17 +155,20 @@ def test_activation_sensitivity_flags_the_dominant_neuron_not_the_dead_one():
     assert 0.1 < p < 0.9
     spread = 2 * math.sqrt(p * (1 - p))
     assert st["grad_std"].tolist() == pytest.approx([5 * spread, 3 * spread, 0.2 * spread], rel=1e-6)
-    assert st["active_fraction"].tolist() == pytest.approx(
-        [float((x[:, 0] > 0).float().mean()), 0.0, float((x[:, 1] > 0).float().mean())])
+    f0, f2 = float((x[:, 0] > 0).float().mean()), float((x[:, 1] > 0).float().mean())
+    assert st["active_fraction"].tolist() == pytest.approx([f0, 0.0, f2])
+    # s = (σ / max σ)·f, rescaled to max 1: σ ∝ (5, 3, 0.2), so (f0, 0, 0.04·f2) / f0
     s = combine_sensitivity(st["grad_std"], st["active_fraction"])
-    assert s[1] == 0 and s[0] == pytest.approx(1.0) and 0 < s[2] < 0.1
+    assert s.tolist() == pytest.approx([1.0, 0.0, 0.04 * f2 / f0], rel=1e-6)
     assert flag_critical(s, fraction=0.1).tolist() == [True, False, False]
     assert flag_critical(s, fraction=0.99).tolist() == [True, False, True]  # a dead neuron never is
     assert flag_critical(s, threshold=0.5).tolist() == [True, False, False]
     gmap = granularity_map({"act": st}, critical_fraction=0.1)
     layer = gmap.layers["act"]
     assert layer.critical == [True, False, False]
-    assert sum(layer.weight) / 3 == pytest.approx(1.0) and layer.weight[0] > layer.weight[2] > layer.weight[1] > 0
+    assert layer.sensitivity == pytest.approx(s.tolist(), abs=1e-6)
+    floor = [v + 0.1 for v in s.tolist()]  # weights ∝ WEIGHT_FLOOR + s, mean 1 over the layer
+    assert layer.weight == pytest.approx([v / (sum(floor) / 3) for v in floor], abs=1e-6)
 
 
 def test_pca_counts_the_directions_a_layer_uses():
@@ -266,7 +270,20 @@ def test_outputs_are_written_and_read_back(tmp_path):
     assert list(gmap.layers) == list(res["activation_sensitivity"]) == ["relu2"]
     assert len(gmap.layers["relu2"].weight) == 6 and sum(gmap.layers["relu2"].critical) == 2  # ceil(0.25 · 6)
     page = (tmp_path / "report.html").read_text()
-    assert page.count("<svg") >= 6 and "http" not in page.replace("http-equiv", "") and "<script" not in page
+    assert "http" not in page.replace("http-equiv", "") and "<script" not in page
+    # The page shows analysis.json's figures: the summary, every layer by name, the scan's baseline
+    # and suggestion, one sensitivity curve per group, and the critical-feature map of relu2.
+    m, scan, sug = obj["model"], obj["pruning_sensitivity"], obj["suggested_ratios"]
+    assert f"<td>parameters</td><td>{m['params']:,}</td></tr>" in page and f"<td>MACs</td><td>{m['macs']:,}</td>" in page
+    assert f"<td>top-1 (baseline)</td><td>{100 * scan['baseline_accuracy']:.2f}%</td>" in page
+    assert all(f"<td>{r['name']}</td>" in page for r in obj["layers"])
+    assert f"predicted MACs {sug['predicted_macs_fraction']:.3f} of the model's" in page
+    assert page.count('class="lg">conv1</text>') == 1 and page.count('class="lg">conv2</text>') == 1
+    charts = re.findall(r'<svg [^>]*aria-label="([^"]*)"', page)
+    assert charts[:3] == ["MACs per layer", "Parameters per layer", "Top-1 against pruning ratio (1)"]
+    assert "relu2 (6 features)" in charts and charts[-1] == "Explained variance"
+    crit = [str(i) for i, c in enumerate(gmap.layers["relu2"].critical) if c]
+    assert f"<p><b>relu2</b> critical: {', '.join(crit)}</p>" in page
 
 
 def test_static_analysis_of_a_pruned_student_file(tmp_path):

@@ -109,17 +109,83 @@ def test_distiller_trains_across_architectures(pair):
     assert losses[-1] < losses[0]
 
 
-def test_learned_lambda_stays_a_distribution():
+class _Sin(nn.Module):
+    def forward(self, z):
+        return 2 ** 0.5 * torch.sin(40 * z)
+
+
+class _InfoAndNoise(nn.Module):
+    """A teacher with two feature layers of equal per-channel variance: ``info`` (8 channels) is a
+    linear map of the input, which a student can predict; ``noise`` (2 channels) is
+    √2·sin(40·Bx), which it cannot. Only the information differs, not the scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.info = nn.Linear(4, 8, bias=False)
+        self.proj, self.noise = nn.Linear(4, 2, bias=False), _Sin()
+        self.head = nn.Linear(10, 3)
+        with torch.no_grad():  # unit-norm rows: each info channel has variance 1 for x ~ N(0, I), and
+            # sin(40·z) of a unit-variance z wraps dozens of times: variance 1, nothing to predict
+            for lin in (self.info, self.proj):
+                w = torch.randn_like(lin.weight)
+                lin.weight.copy_(w / w.norm(dim=1, keepdim=True))
+
+    def forward(self, x):
+        return self.head(torch.cat([self.info(x), self.noise(self.proj(x))], 1))
+
+
+class _TwoLayerStudent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_learned_lambda_starts_uniform_and_is_the_softmax_of_its_logits():
+    """Before training every teacher layer weighs 1/nt; the reported λ is softmax over teacher
+    layers (dim 0) of the term's logits, rounded to 4 places."""
     torch.manual_seed(0)
     t, s = cnn3((8, 16, 16)), nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                            nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
     d = Distiller(t, s, [CE(), VID(pairing="all-to-all", lambda_="learned")], torch.zeros(2, 3, 16, 16))
     lam0 = d.lambda_matrix()
     assert lam0.shape == (3, 2) and torch.allclose(lam0, torch.full((3, 2), 1 / 3))
-    steps(d, torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)), 5, lr=0.5)
+    term = next(term for term in d.terms if hasattr(term, "lambda_logits"))
+    with torch.no_grad():  # logits set by hand: column 0 favours layer 2, column 1 layers 0 and 1
+        term.lambda_logits.copy_(torch.tensor([[0.0, 1.0], [0.0, 1.0], [2.0, -1.0]]))
+    e2, e1 = torch.e ** 2, torch.e
+    col0 = [1 / (2 + e2), 1 / (2 + e2), e2 / (2 + e2)]
+    col1 = [e1 / (2 * e1 + 1 / e1), e1 / (2 * e1 + 1 / e1), (1 / e1) / (2 * e1 + 1 / e1)]
+    assert d.lambda_matrix().T.tolist() == [pytest.approx(col0), pytest.approx(col1)]
+    rep = d.lambda_report()
+    assert rep["learned"] is True and rep["matrix"] == [[round(col0[i], 4), round(col1[i], 4)] for i in range(3)]
+    assert rep["teacher_layers"] == ["conv1", "conv2", "conv3"] and rep["student_layers"] == ["1", "4"]
+
+
+@pytest.mark.parametrize("order", [["info", "noise"], ["noise", "info"]])
+def test_learned_lambda_moves_to_the_teacher_layer_with_information(order):
+    """After training steps, each student layer puts most of its λ on the teacher layer it can
+    predict, whichever row that is, although that layer has 4x the channels of the noise: λ
+    follows the information per channel, not the raw bound (which grows with the channel count
+    and would pull λ onto the small noise layer)."""
+    torch.manual_seed(0)
+    t, s = _InfoAndNoise(), _TwoLayerStudent()
+    d = Distiller(t, s, [CE(weight=0.1), VID(pairing="all-to-all", lambda_="learned", teacher_layers=order,
+                                             student_layers=["a", "b"])], torch.zeros(2, 4))
+    x, y = torch.randn(256, 4), torch.randint(0, 3, (256,))
+    opt = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=0.05)
+    d.train()
+    for _ in range(80):  # early on λ tracks how fast σ² settles; by 80 steps, what μ(s) can predict
+        loss, _, _ = d(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     lam = d.lambda_matrix()
-    assert not torch.allclose(lam, lam0)  # it learned
-    assert torch.allclose(lam.sum(0), torch.ones(2), atol=1e-6) and (lam >= 0).all()
+    info = order.index("info")
+    assert (lam[info] > 0.9).all(), lam      # from 0.5 each at the start
+    assert (lam[1 - info] < 0.1).all(), lam
 
 
 def test_teacher_cache_skips_teacher_and_gives_identical_losses():

@@ -369,8 +369,31 @@ def test_build_diversified_teacher(tmp_path):
     report = info["metadata"]["ensemble"]
     assert report["layers"] == ["features.2", "features.4"]
     assert report["members"][1]["critical_features"] == 8        # 25 % of 16 features in 2 layers
-    assert 0.0 <= report["diversity"]["disagreement"] <= 1.0
-    assert all(0.0 < v <= 1.0 + 1e-9 for v in report["diversity"]["cka"].values())
+    # The diversity figures, recomputed by hand from the two members on the validation split
+    # (all 48 samples: fewer than the 2000 it caps at).
+    div = report["diversity"]
+    x_val, y_val = data.val.x, data.val.y
+    feats, logits = [{}, {}], []
+    with torch.no_grad():
+        for m, member in enumerate(model.members):
+            hooks = [member.get_submodule(p).register_forward_hook(
+                lambda mod, i, o, m=m, p=p: feats[m].__setitem__(p, o.flatten(1).double())) for p in report["layers"]]
+            logits.append(member(x_val))
+            for h in hooks:
+                h.remove()
+    pred = [lg.argmax(1) for lg in logits]
+    assert div["samples"] == len(y_val) == 48 and div["members"] == 2
+    differ = int((pred[0] != pred[1]).sum())
+    assert 0 < differ < 48  # the members do differ on some inputs, not all: the rate is informative
+    assert div["disagreement"] == pytest.approx(differ / 48, abs=1e-7)
+    assert div["pairwise_disagreement"] == {"0-1": div["disagreement"]}
+    for p in report["layers"]:  # Kornblith et al. 2019, eq. 5: ‖YᵀX‖²_F / (‖XᵀX‖_F·‖YᵀY‖_F), centred columns
+        a, b = (f[p] - f[p].mean(0) for f in feats)
+        cka = (b.T @ a).pow(2).sum() / ((a.T @ a).norm() * (b.T @ b).norm())
+        assert div["cka"][p] == pytest.approx(float(cka), abs=1e-9), p
+    assert div["member_accuracy"] == [pytest.approx(float((q == y_val).double().mean())) for q in pred]
+    mean_p = (torch.softmax(logits[0], 1) + torch.softmax(logits[1], 1)) / 2
+    assert div["ensemble_accuracy"] == pytest.approx(float((mean_p.argmax(1) == y_val).double().mean()))
     save_model_file(tmp_path / "d.kdc", model, name=info["name"], args=info["args"], input_shape=data.input_shape,
                     num_classes=4)
     again, _ = load_model_file(tmp_path / "d.kdc")

@@ -1,4 +1,5 @@
-"""CI gates: parsing without eval, metric values computed from a hand-made report, failure lines."""
+"""CI gates: parsing without eval, metric values read from a hand-made typed report through the
+gate table, failure lines."""
 
 from __future__ import annotations
 
@@ -7,30 +8,43 @@ import math
 import pytest
 
 from kdcli.errors import EXIT_GATE, GateError, InputError
-from kdcli.reports.gates import METRICS, check_gates, enforce_gates, metric_value, parse_gate
+from kdcli.reports.gates import GATE_METRICS, METRICS, check_gates, enforce_gates, metric_value, parse_gate
+from kdcli.reports.models import ExportReport
 
 
 def _stats(ms):
-    return {"median_ms": ms, "p90_ms": ms, "p99_ms": ms, "throughput": 1.0, "runs": 9,
+    return {"median_ms": ms, "p90_ms": ms, "p99_ms": ms, "mean_ms": ms, "min_ms": ms, "throughput": 1.0, "runs": 9,
             "provider": "CPUExecutionProvider", "threads": 2}
 
 
-def _report(teacher=True):
+def _model(name, size, macs, params):
+    return {"name": name, "file": f"{name}.onnx", "size_bytes": size, "exporter": "torch.export", "opset": 18,
+            "external_data": False, "export_notes": [], "params": params, "macs": macs,
+            "verification": {"max_abs_diff": 0.0, "top1_agreement": 1.0, "top1_ties": 0, "samples": 8,
+                             "inputs": "data", "atol": 1e-4}}
+
+
+def _report(teacher=True) -> ExportReport:
     cpu = {"student": {"1": _stats(0.5), "64": _stats(4.0)}}
     if teacher:
         cpu["teacher"] = {"1": _stats(1.0), "64": _stats(10.0)}
-    return {
-        "student": {"name": "s", "size_bytes": 250, "macs": 40, "params": 30},
-        "teacher": {"name": "t", "size_bytes": 1000, "macs": 100, "params": 120} if teacher else None,
+    return ExportReport.model_validate({
+        "schema": "kdcli/export-report", "version": 1, "created": "2026-01-01T00:00:00+00:00",
+        "environment": {"kdcli": "0.1.0", "cpu_threads": 2},
+        "student": _model("s", 250, 40, 30),
+        "teacher": _model("t", 1000, 100, 120) if teacher else None,
         "ratios": {"size": 0.25, "macs": 0.4, "params": 0.25} if teacher else None,
         "accuracy": {"samples": 200, "student_onnx": 0.905, "student_pytorch": 0.905,
-                     "teacher_onnx": 0.92 if teacher else None},
-        "latency": {"batch_sizes": [1, 64], "primary_provider": "CPUExecutionProvider",
+                     "teacher_onnx": 0.92 if teacher else None, "teacher_pytorch": 0.92 if teacher else None,
+                     "drop_pt": 1.5 if teacher else None},
+        "latency": {"batch_sizes": [1, 64], "time_budget_s": 1.0, "primary_provider": "CPUExecutionProvider",
                     # a CUDA table with other numbers: gates must read the primary (CPU) one
                     "onnxruntime": {"CUDAExecutionProvider": {"student": {"1": _stats(9.0), "64": _stats(9.0)},
                                                               "teacher": {"1": _stats(1.0), "64": _stats(1.0)}},
-                                    "CPUExecutionProvider": cpu}},
-    }
+                                    "CPUExecutionProvider": cpu},
+                    "pytorch": {}, "speedup": {}},
+        "gates": {"expressions": [], "failures": []}, "notes": [],
+    })
 
 
 @pytest.mark.parametrize("expr,metric,op,value", [
@@ -65,6 +79,26 @@ def test_unknown_metric_is_input_error(expr):
         parse_gate(expr)
 
 
+def test_unknown_metric_message_lists_every_known_name():
+    with pytest.raises(InputError) as info:
+        parse_gate("accuracy > 1")
+    assert str(info.value) == ("gate 'accuracy > 1': unknown metric 'accuracy'; metrics: accuracy_drop, speedup, "
+                               "speedup@N, size_ratio, macs_ratio, params_ratio, student_accuracy, latency_ms")
+    with pytest.raises(InputError, match="unknown metric 'bogus'; metrics: accuracy_drop"):
+        metric_value(_report(), "bogus")
+
+
+def test_gate_table_names_every_metric_and_each_resolves():
+    assert list(METRICS) == ["accuracy_drop", "speedup", "speedup@N", "size_ratio", "macs_ratio", "params_ratio",
+                             "student_accuracy", "latency_ms"]
+    assert set(GATE_METRICS) == {n for n in METRICS if "@" not in n}
+    r = _report()
+    for name in METRICS:
+        metric = name.replace("@N", "@64")
+        assert parse_gate(f"{metric} < 0").metric == metric
+        assert math.isfinite(metric_value(r, metric)), name
+
+
 def test_metric_values_from_report():
     r = _report()
     assert metric_value(r, "accuracy_drop") == pytest.approx(1.5)     # 100 * (0.92 - 0.905)
@@ -90,7 +124,7 @@ def test_check_gates_returns_failure_lines():
 
 def test_all_expressions_are_parsed_before_any_is_evaluated():
     with pytest.raises(InputError, match="bogus"):
-        check_gates({}, ["speedup < 2", "bogus > 1"])
+        check_gates(_report(teacher=False), ["speedup < 2", "bogus > 1"])
 
 
 def test_gate_needing_missing_data_is_input_error():
@@ -102,14 +136,14 @@ def test_gate_needing_missing_data_is_input_error():
         check_gates(r, ["speedup < 2"])
     with pytest.raises(InputError, match=r"batch size 32.*\[1, 64\]"):
         check_gates(_report(), ["speedup@32 < 2"])
-    r["accuracy"] = None
+    r.accuracy = None
     with pytest.raises(InputError, match="no accuracy"):
         check_gates(r, ["student_accuracy < 90"])
 
 
 def test_nan_metric_fails_its_gate():
     r = _report()
-    r["ratios"]["size"] = math.nan
+    r.ratios.size = math.nan
     assert check_gates(r, ["size_ratio > 0.5"]) == ["gate 'size_ratio > 0.5' failed: size_ratio = nan"]
 
 

@@ -255,14 +255,55 @@ def test_model_names_every_place_and_what_passes(tmp_path):
 
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+SHARED_DATA = REPO.parent / "shared" / "data"
+# The files each path-based source's reader looks for (kdcli.data.sources).
+NEEDED = {"idx": ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                  "t10k-labels-idx1-ubyte"],
+          "cifar10-bin": ["data_batch_1.bin", "data_batch_5.bin", "test_batch*.bin"]}
 
 
-def test_at_least_four_shipped_recipes():
-    assert len(SHIPPED) >= 4, [p.name for p in SHIPPED]
+def test_the_package_ships_the_repository_recipes():
+    """``pip install`` carries kdcli/recipes: the same files as recipes/, and the built-in default."""
+    from kdcli.config.recipe import builtin_recipe_path
+
+    assert SHIPPED, "no recipes/*.yaml"
+    packaged = sorted((REPO / "kdcli" / "recipes").glob("*.yaml"))
+    assert [p.name for p in packaged] == [p.name for p in SHIPPED]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(packaged, SHIPPED))
+    assert builtin_recipe_path("quickstart").read_bytes() == (REPO / "recipes" / "quickstart.yaml").read_bytes()
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_recipe_validates(path):
+    """Each shipped recipe loads, says what its teacher is, and is named in the README."""
     r = load_recipe(path)
     # a single teacher names its model; an ensemble teacher says which kind it is
     assert (getattr(r.teacher, "model", None) or r.teacher.ensemble) and r.path == path
+    assert r.base_dir == path.parent
+    # something to do: a resource target to prune to, or a declared student to distil into
+    assert r.target.macs is not None or r.target.params is not None or r.student.model is not None
+    assert f"`{path.name}`" in (REPO / "README.md").read_text() or f"recipes/{path.name}" in \
+        (REPO / "README.md").read_text(), f"README does not mention {path.name}"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipe_data_is_bundled_or_in_shared_data(path):
+    """A recipe's data is either bundled (digits) or a relative path that, resolved against the
+    recipe's folder (from recipes/ or through kdcli/recipes), lands in ../shared/data on a folder
+    holding the files its reader needs."""
+    import os
+
+    r = load_recipe(path)
+    spec = r.data.source_spec
+    if spec.kind == "digits":
+        return
+    assert spec.kind in NEEDED, f"{path.name}: a shipped recipe reads {spec.kind}, which has no check here"
+    assert not Path(spec.path).is_absolute(), f"{path.name}: data.source.path {spec.path} only works on one machine"
+    target = Path(os.path.realpath(r.resolve(spec.path)))
+    assert target.parent == Path(os.path.realpath(SHARED_DATA)), (path.name, target)
+    packaged = load_recipe(REPO / "kdcli" / "recipes" / path.name)
+    assert Path(os.path.realpath(packaged.resolve(spec.path))) == target
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA}")
+    for name in NEEDED[spec.kind]:
+        assert list(target.glob(name)) or list(target.glob(name + ".gz")), f"{path.name}: {target} lacks {name}"

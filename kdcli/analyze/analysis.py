@@ -48,11 +48,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdcli.analyze.sensitivity import (activation_statistics, consumer_statistics, granularity_map, group_layers,
+                                       pca_redundancy, pruning_sensitivity, suggest_ratios)
 from kdcli.config.importance import CRITERIA, NEEDS_DATA
+from kdcli.config.recipe import AnalyzeSpec
 from kdcli.console import Reporter
+from kdcli.distill.taps import auto_layers
+from kdcli.ensembles.clusters import class_correlation, confusable_subsets, predicted_probabilities
 from kdcli.errors import DataError, InputError, ModelError
 from kdcli.models.file import check_model_fits
-from kdcli.models.utils import eval_mode
+from kdcli.models.utils import eval_mode, first_tensor
+from kdcli.prune.pruner import StructuredPruner, count_macs_params
+from kdcli.reports.analysis import write_outputs
+from kdcli.train.loop import evaluate, tensor_batches
 
 SCHEMA_VERSION = 1
 _ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU)
@@ -94,8 +102,6 @@ def layer_table(model: nn.Module, example: torch.Tensor) -> tuple[list[dict], in
     (Flatten, Dropout, Identity) are left out. When the model holds ops the per-layer rules do
     not cover (attention, RNNs), a row ``(other)`` carries the difference, so the MACs column
     always adds up to the total."""
-    from kdcli.prune.pruner import count_macs_params
-    from kdcli.models.utils import first_tensor
 
     rows: dict[str, dict] = {}
     handles = []
@@ -167,8 +173,6 @@ def _importances(pruner, members: dict, batches) -> dict[str, dict[str, list]]:
 def _activation_figures(model, example, batches, settings, seed: int, notes: list, reporter):
     """Activation sensitivity, the granularity map and PCA redundancy of the "auto" layers
     (:func:`kdcli.distill.taps.auto_layers`); (None, None, None) with a note when none can be chosen."""
-    from kdcli.analyze.sensitivity import activation_statistics, granularity_map, pca_redundancy
-    from kdcli.distill.taps import auto_layers
 
     try:
         taps = auto_layers(model, example)
@@ -190,7 +194,6 @@ def _class_clusters(model, x: torch.Tensor, data, split: str, k: int, batch_size
     """The ``k`` confusable class subsets of ``model`` from its predicted probabilities on ``x``
     [N, *input_shape] (Hinton et al. 2015, §5.3; K-means on the columns of the class correlation
     matrix, :func:`kdcli.ensembles.clusters.confusable_subsets`), as JSON with class names."""
-    from kdcli.ensembles.clusters import class_correlation, confusable_subsets, predicted_probabilities
 
     if len(x) < 2:  # a covariance needs two samples
         raise DataError(f"data ({data.description}): --clusters needs at least 2 {split} samples, got {len(x)}")
@@ -226,10 +229,6 @@ def analyze(model: nn.Module, info, data=None, *, device: torch.device | None = 
 
 
 def _analyze(model, info, data, *, device, settings, target_macs, out_dir, reporter, seed, clusters) -> dict:
-    from kdcli.prune.pruner import StructuredPruner, count_macs_params
-    from kdcli.config.recipe import AnalyzeSpec
-    from kdcli.analyze.sensitivity import consumer_statistics, group_layers, pruning_sensitivity, suggest_ratios
-    from kdcli.train.loop import evaluate, tensor_batches
 
     settings = settings or AnalyzeSpec()
     target = float(target_macs if target_macs is not None else settings.target_macs)
@@ -314,7 +313,6 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     if out_dir is not None:
-        from kdcli.reports.analysis import write_outputs
 
         write_outputs(result, Path(out_dir), gmap)
     return result

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdcli.errors import InputError
+from kdcli.files import atomic_write_text
 
 SCHEMA_VERSION = 1
 
@@ -71,7 +72,6 @@ class GranularityMap:
         return cls(layers)
 
     def save(self, path: Path) -> None:
-        from kdcli.files import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1))
 

@@ -17,6 +17,7 @@ from kdcli.config.data import (Cifar10BinSource, DigitsSource, IdxSource, ImageF
                                TensorsSource)
 from kdcli.data.tensors import TensorData
 from kdcli.errors import DataError
+from kdcli.models import import_callable
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
@@ -367,7 +368,6 @@ def materialize(dataset, where: str) -> TensorData:
 
 @reads("python")
 def _read_python(spec: PythonSource, base_dir: Path) -> Split:
-    from kdcli.models import import_callable
 
     fn = import_callable(spec.factory, base_dir, label="data.source.factory", error=DataError)
     try:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdcli.errors import InputError, ModelError
+from kdcli.config.losses import FEATURE_KINDS, LossSpec
 from kdcli.distill.losses import Layers, build_term
-from kdcli.config.losses import FEATURE_KINDS
 from kdcli.distill.taps import FeatureTaps, pick_layers, resolve_modules, trace_modules
+from kdcli.errors import InputError, ModelError
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
 
@@ -194,7 +194,6 @@ class Distiller(nn.Module):
 def _validate_spec(obj: dict, k: int):
     from pydantic import TypeAdapter, ValidationError
 
-    from kdcli.config.losses import LossSpec
 
     try:
         return TypeAdapter(LossSpec).validate_python(obj)

@@ -45,7 +45,7 @@ from kdcli.data.loader import DataBundle, load_data
 from kdcli.distill.distil import distil
 from kdcli.dkdp.run import RunDir, RunLock, StepRecord, resume_recipe, start_run
 from kdcli.dkdp.target import Target
-from kdcli.errors import GateError, InputError, TrainingDiverged
+from kdcli.errors import InputError, TrainingDiverged
 from kdcli.models import absolute_spec, build_model
 from kdcli.models.file import ModelInfo, data_metadata, export_info, load_model_any, recipe_models, save_model
 from kdcli.models.utils import is_main_process
@@ -414,19 +414,17 @@ def _distil(ctx: Context, teacher, student, label: str, cfg, seed: int, cache, l
 
 def _export(ctx: Context, student: nn.Module, sinfo: ModelInfo) -> tuple[dict, list[str]]:
     """The chosen student exported next to the teacher; returns the export report and its gate failures."""
-    from kdcli.export.onnx import run_export  # onnx and onnxruntime load only when exporting
+    from kdcli.export.onnx import export_report  # onnx and onnxruntime load only when exporting
 
     data, recipe = ctx.data, ctx.recipe
     x_eval, y_eval = data.eval_tensors("test" if data.test is not None else "val", torch.device("cpu"))
-    try:
-        report = run_export(
-            student.cpu(), export_info(sinfo, data), ctx.rd.path / "export", teacher=ctx.teacher.cpu(),
-            teacher_info=export_info(ctx.tinfo, data), x_eval=x_eval, y_eval=y_eval,
-            batch_sizes=tuple(recipe.export.batch_sizes), opset=recipe.export.opset,
-            gates=recipe.export.fail_if, time_budget_s=recipe.export.latency_budget_s, reporter=ctx.reporter)
-    except GateError as exc:  # the export report is written; the verdict joins the others
-        return exc.report, list(exc.report["gates"]["failures"])
-    return report, []
+    report = export_report(
+        student.cpu(), export_info(sinfo, data), ctx.rd.path / "export", teacher=ctx.teacher.cpu(),
+        teacher_info=export_info(ctx.tinfo, data), x_eval=x_eval, y_eval=y_eval,
+        batch_sizes=tuple(recipe.export.batch_sizes), opset=recipe.export.opset,
+        gates=recipe.export.fail_if, time_budget_s=recipe.export.latency_budget_s, reporter=ctx.reporter)
+    # the export report is written either way; its failed gates join the verdict
+    return report.to_json(), list(report.gates.failures)
 
 
 def _granularity(recipe: Recipe):

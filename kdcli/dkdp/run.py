@@ -195,7 +195,6 @@ class RunLock:
         locked by another process raises :class:`kdcli.errors.InputError` naming its PID."""
         import fcntl
 
-        from kdcli.errors import InputError
 
         key = str(Path(run_dir).resolve())
         if key in cls._held:

@@ -16,12 +16,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdcli.analyze.granularity import GranularityMap
 from kdcli.console import Reporter
-from kdcli.models import absolute_spec
+from kdcli.distill.taps import auto_layers
 from kdcli.ensembles.clusters import generalist_clusters
 from kdcli.ensembles.diversified import AveragedEnsemble, train_diversified
 from kdcli.ensembles.diversity import ensemble_diversity
 from kdcli.ensembles.specialists import SpecialistEnsemble, specialist_from, train_specialist
+from kdcli.files import atomic_write_json
+from kdcli.models import absolute_spec, build_model
+from kdcli.models.file import load_model_any
+from kdcli.prune.pruner import replay_history
+from kdcli.train.loop import evaluate, fit, tensor_batches
 
 SPECIALISTS_FACTORY = "kdcli.ensembles.build:specialist_ensemble"
 AVERAGED_FACTORY = "kdcli.ensembles.build:averaged_ensemble"
@@ -29,8 +35,6 @@ DIVERSITY_SAMPLES = 2000
 
 
 def _build_member(spec: dict, input_shape, num_classes: int) -> nn.Module:
-    from kdcli.models import build_model
-    from kdcli.prune.pruner import replay_history
 
     model = build_model(spec["name"], spec.get("args") or {}, input_shape=input_shape, num_classes=num_classes)
     model.eval()
@@ -54,7 +58,6 @@ def averaged_ensemble(input_shape, num_classes: int, *, member: dict, members: i
 
 
 def _accuracies(model: nn.Module, data, device) -> dict:
-    from kdcli.train.loop import evaluate, tensor_batches
 
     out = {"val_accuracy": evaluate(model, tensor_batches(*data.eval_tensors("val", device)), device)["accuracy"]}
     if data.test is not None:
@@ -63,9 +66,6 @@ def _accuracies(model: nn.Module, data, device) -> dict:
 
 
 def _generalist(spec, data, device, reporter: Reporter, base_dir: Path, seed: int) -> tuple[nn.Module, dict]:
-    from kdcli.models import build_model
-    from kdcli.models.file import load_model_any
-    from kdcli.train.loop import fit
 
     g = spec.generalist
     if g.checkpoint:
@@ -112,9 +112,6 @@ def _specialists(spec, data, device, reporter, base_dir, seed):
 
 
 def _diversified(spec, data, device, reporter, base_dir, seed):
-    from kdcli.analyze.granularity import GranularityMap
-    from kdcli.models import build_model
-    from kdcli.distill.taps import auto_layers
 
     name = absolute_spec(spec.model, base_dir)
     build = lambda i: build_model(name, spec.model_args, input_shape=data.input_shape,  # noqa: E731
@@ -148,7 +145,6 @@ def build_ensemble_teacher(spec, data, device: torch.device, reporter: Reporter 
     :func:`kdcli.models.build_model`; ``metadata`` holds ``role``, ``ensemble_label``, accuracies
     and ``ensemble`` (clusters and specialists' corrections, or diversity). When ``run_dir`` is
     given, the ``ensemble`` report is also written there as ``ensemble.json``."""
-    from kdcli.files import atomic_write_json
 
     reporter = reporter or Reporter(quiet=True)
     device = torch.device(device)

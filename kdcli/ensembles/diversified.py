@@ -38,9 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli.errors import InputError
 from kdcli.analyze.granularity import GranularityMap
-from kdcli.distill.taps import FeatureTaps
+from kdcli.analyze.sensitivity import activation_statistics, granularity_map
+from kdcli.distill.taps import FeatureTaps, auto_layers
+from kdcli.errors import InputError
+from kdcli.train.loop import fit
 
 
 def _per_channel(a: torch.Tensor) -> torch.Tensor:
@@ -114,7 +116,6 @@ def diversified_objective(model: nn.Module, prev: nn.Module, layers: Sequence[st
 def predecessor_granularity(prev: nn.Module, layers: Sequence[str], batches, critical_fraction: float) -> GranularityMap:
     """The granularity map of ``prev`` on ``batches`` of ``(x, ...)``: activation sensitivity of
     each tapped feature, the top ``critical_fraction`` critical (:mod:`kdcli.analyze.sensitivity`)."""
-    from kdcli.analyze.sensitivity import activation_statistics, granularity_map
 
     stats = activation_statistics(prev, batches, list(layers))
     return granularity_map(stats, critical_fraction=critical_fraction)
@@ -131,8 +132,6 @@ def train_diversified(build: Callable[[int], nn.Module], data, cfg, *, members: 
     (:func:`predecessor_granularity`); ``weight`` 0 trains independent members with the same loop.
     Member i uses seed ``seed + i`` for its initialisation and data order. Returns the members in
     eval mode and per member ``{"member", "seconds", "train_loss", "critical_features"}``."""
-    from kdcli.distill.taps import auto_layers
-    from kdcli.train.loop import fit
 
     device = torch.device(device or "cpu")
     trained: list[nn.Module] = []

@@ -21,6 +21,7 @@ from torch import nn
 from kdcli.data.loader import BatchLoader, DataBundle, TensorData
 from kdcli.ensembles.combine import combine_distributions, expand_specialist
 from kdcli.errors import InputError, ModelError
+from kdcli.train.loop import evaluate, fit
 
 # ----------------------------------------------------------------------------- the head
 
@@ -158,7 +159,6 @@ def train_specialist(generalist: nn.Module, subset: Sequence[int], data: DataBun
     with :func:`kdcli.train.loop.fit` and ``cfg`` a TrainSpec) and correct (:func:`dustbin_correction`)
     one specialist. Returns it in eval mode and ``{"subset", "correction", "counts", "val_accuracy"}``
     (accuracy on the validation samples, specialist labels, with the natural class mix)."""
-    from kdcli.train.loop import evaluate, fit
 
     torch.manual_seed(seed)
     model = specialist_from(generalist, subset, data.num_classes).to(device)

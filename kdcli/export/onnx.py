@@ -1,4 +1,4 @@
-"""ONNX export and verification against PyTorch, and the ``kdcli export`` pipeline (``run_export``).
+"""ONNX export and verification against PyTorch, and the ``kdcli export`` pipeline (``export_report``).
 
 Export uses the torch.export-based exporter (``dynamo=True``) and falls back to the TorchScript
 exporter when it fails, saying so in the returned notes. The ONNX graph has one input ``input``
@@ -18,6 +18,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ import torch.nn as nn
 from kdcli.errors import ExportError, InputError
 from kdcli.prune.pruner import count_macs_params
 from kdcli.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from kdcli.reports.models import ExportReport
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -324,24 +328,27 @@ def _environment() -> dict:
     return env
 
 
-def run_export(student: nn.Module, info: dict, out_dir: str | Path, *, teacher: nn.Module | None = None,
-               teacher_info: dict | None = None, x_eval: torch.Tensor | None = None, y_eval: torch.Tensor | None = None,
-               batch_sizes=(1, 64), opset: int = 18, gates=(), time_budget_s: float = 2.0, reporter=None) -> dict:
-    """Export ``student`` (and ``teacher``) to ``out_dir``, verify, evaluate, time, and write the reports.
+def export_report(student: nn.Module, info: dict, out_dir: str | Path, *, teacher: nn.Module | None = None,
+                  teacher_info: dict | None = None, x_eval: torch.Tensor | None = None,
+                  y_eval: torch.Tensor | None = None, batch_sizes=(1, 64), opset: int = 18, gates=(),
+                  time_budget_s: float = 2.0, reporter=None) -> ExportReport:
+    """Export ``student`` (and ``teacher``) to ``out_dir``, verify, evaluate, time, write the reports,
+    and return the report (:class:`kdcli.reports.models.ExportReport`).
 
     ``info`` = {"name", "input_shape", "num_classes", "mean", "std", "class_names"[, "scale"]};
     ``x_eval`` [N, ...] normalised inputs and ``y_eval`` [N] labels give the accuracies and the
-    verification inputs (random inputs otherwise, noted). Writes ``student.onnx``, ``teacher.onnx``,
-    ``report.json/.md/.html`` and returns the report (``kdcli.reports.export.REPORT_SCHEMA``). Raises
-    GateError after writing everything when one of ``gates`` (``kdcli.reports.gates``) fails.
+    verification inputs (random inputs otherwise, noted). Writes ``student.onnx``, ``teacher.onnx``
+    and ``report.json/.md/.html``. ``gates`` (``kdcli.reports.gates``) are parsed before any work
+    (InputError for a malformed one) and evaluated at the end: failed gates are listed in
+    ``report.gates.failures``, never raised; the caller decides (the CLI exits 3).
     """
     from datetime import datetime, timezone
 
     from kdcli.console import Reporter
-    from kdcli.errors import GateError
-    from kdcli.reports.gates import check_gates, parse_gate
     from kdcli.export.latency import available_providers, measure_latency, measure_torch_latency
-    from kdcli.reports.export import REPORT_VERSION, write_reports
+    from kdcli.reports.export import write_reports
+    from kdcli.reports.gates import check_gates, parse_gate
+    from kdcli.reports.models import PRIMARY_PROVIDER, REPORT_NAME, REPORT_VERSION, ExportReport
 
     gates = list(gates or [])
     for g in gates:  # a typo in a gate should fail before minutes of measuring, not after
@@ -403,20 +410,17 @@ def run_export(student: nn.Module, info: dict, out_dir: str | Path, *, teacher: 
     if t is not None:
         speedup = {prov: {str(b): tab["teacher"][str(b)]["median_ms"] / tab["student"][str(b)]["median_ms"]
                           for b in batch_sizes} for prov, tab in ort_lat.items()}
-    report = {"schema": "kdcli/export-report", "version": REPORT_VERSION,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": _environment(),
-              "student": s, "teacher": t, "ratios": ratios, "accuracy": accuracy,
-              "latency": {"batch_sizes": batch_sizes, "time_budget_s": float(time_budget_s),
-                          # CPU is the deployment target gates compare on, also where CUDA is present
-                          "primary_provider": "CPUExecutionProvider", "onnxruntime": ort_lat, "pytorch": eager,
-                          "speedup": speedup},
-              "gates": {"expressions": gates, "failures": []}, "notes": notes}
-    report["gates"]["failures"] = check_gates(report, gates)
+    report = ExportReport.model_validate({
+        "schema": REPORT_NAME, "version": REPORT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": _environment(),
+        "student": s, "teacher": t, "ratios": ratios, "accuracy": accuracy,
+        "latency": {"batch_sizes": batch_sizes, "time_budget_s": float(time_budget_s),
+                    # CPU is the deployment target gates compare on, also where CUDA is present
+                    "primary_provider": PRIMARY_PROVIDER, "onnxruntime": ort_lat, "pytorch": eager,
+                    "speedup": speedup},
+        "gates": {"expressions": gates, "failures": []}, "notes": notes})
+    report.gates.failures = check_gates(report, gates)
     write_reports(report, out_dir)
-    if report["gates"]["failures"]:
-        err = GateError("; ".join(report["gates"]["failures"]))
-        err.report = report  # callers that print the report before exiting 3 find it here
-        raise err
     return report
 
 

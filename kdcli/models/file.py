@@ -389,7 +389,7 @@ def data_metadata(data: DataBundle) -> dict:
 
 
 def export_info(info: ModelInfo, data: DataBundle | None = None) -> dict:
-    """What :func:`kdcli.export.onnx.run_export` records about a model: its spec and the input
+    """What :func:`kdcli.export.onnx.export_report` records about a model: its spec and the input
     normalisation, from ``data`` when given, else from the model file's metadata."""
     meta = info.metadata or {}
     norm = data_metadata(data) if data is not None else meta

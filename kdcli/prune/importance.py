@@ -38,7 +38,7 @@ def group_importance(model: nn.Module, dg: tp.DependencyGraph, groups: Mapping[s
     device) are needed by taylor and activation."""
     if criterion == "taylor":
         with taylor_gradients(model, batches or []):
-            return _torch_pruning(tp.importance.GroupTaylorImportance(normalizer=None), groups)
+            return _torch_pruning(TaylorImportance(), groups)
     if criterion == "activation":
         with activation_stats(model, groups.values(), batches or []) as means:
             return {name: activation_score(dg, g, means) for name, g in groups.items()}
@@ -46,6 +46,30 @@ def group_importance(model: nn.Module, dg: tp.DependencyGraph, groups: Mapping[s
         return _torch_pruning(tp.importance.BNScaleImportance(normalizer=None), groups)
     p = 1 if criterion == "magnitude-l1" else 2
     return _torch_pruning(tp.importance.GroupMagnitudeImportance(p=p, normalizer=None), groups)
+
+
+class TaylorImportance(tp.importance.GroupTaylorImportance):
+    """First-order Taylor importance (Molchanov et al. 2019), summed over the group: Σ|w·∂L/∂w| of
+    every layer the channel touches, plus the |γ·∂L/∂γ| of its BatchNorm (their Taylor-FO-BN).
+    torch-pruning 1.6's own class leaves BatchNorm out (its BN branch tests the GroupNorm
+    handler), so the BN term is added here. Sums, not means, over the group's layers: the pruner
+    divides each group by its mean anyway, and a sum keeps the BN term's weight right."""
+
+    def __init__(self):
+        super().__init__(group_reduction="sum", normalizer=None)
+
+    @torch.no_grad()
+    def __call__(self, group):
+        imp = super().__call__(group)
+        for i, (dep, idxs) in enumerate(group):
+            m = dep.target.module
+            if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.weight.grad is not None
+                    and dep.handler == tp.prune_batchnorm_out_channels):
+                local = (m.weight.data[idxs] * m.weight.grad.data[idxs]).abs()
+                if imp is None:
+                    imp = torch.zeros(len(group[0].idxs), device=local.device)
+                imp[torch.as_tensor(group[i].root_idxs, device=imp.device)] += local.to(imp.dtype)
+        return imp
 
 
 def _torch_pruning(imp, groups: Mapping[str, object]) -> dict:

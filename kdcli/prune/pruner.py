@@ -262,9 +262,9 @@ class StructuredPruner:
             missing = [n for n, s in raw.items() if s is None]
             if missing:
                 raw.update(group_importance(self.model, self.dg, {n: self._groups[n] for n in missing}, "magnitude"))
-            note = f"{crit}: {len(missing)} group(s) without what it scores were scored by magnitude"
-            if note not in self.notes:
-                self.notes.append(note)
+                note = f"{crit}: {len(missing)} group(s) without what it scores were scored by magnitude"
+                if note not in self.notes:
+                    self.notes.append(note)
         if crit in NEEDS_DATA:
             raw = mean_over_ranks(raw, self.example.device)
         out = {}

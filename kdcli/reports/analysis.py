@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 
 from kdcli.console import Reporter
+from kdcli.reports.format import pct
 
 # ----------------------------------------------------------------------------- outputs
 
@@ -46,17 +47,13 @@ def write_outputs(result: dict, out_dir: Path, granularity=None) -> list[Path]:
     return files
 
 
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.2f}%"
-
-
 def summary_rows(result: dict) -> list[tuple[str, str]]:
     """(what, value) rows of the summary shown first in the terminal and the report."""
     m, layers = result["model"], result["layers"]
     top = max(layers, key=lambda r: r["macs"], default=None)
     rows = [("model", f"{m['name']}  input {'x'.join(map(str, m['input_shape']))}, {m['num_classes']} classes"),
             ("parameters", f"{m['params']:,}"), ("MACs", f"{m['macs']:,}"),
-            ("layers", f"{len(layers)}" + (f"; most MACs: {top['name']} ({100 * top['macs_share']:.1f}%)" if top else "")),
+            ("layers", f"{len(layers)}" + (f"; most MACs: {top['name']} ({pct(top['macs_share'], 1)})" if top else "")),
             ("prunable groups", f"{len(result['groups'])}" + (f" ({len(result['notes'])} note(s))" if result["notes"] else ""))]
     d = result.get("data")
     if d is None:
@@ -64,7 +61,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         return rows
     scan = result["pruning_sensitivity"]
     rows += [("data", f"{d['samples']} {d['split']} samples of {d['description']}"),
-             ("top-1 (baseline)", _pct(scan["baseline_accuracy"]))]
+             ("top-1 (baseline)", pct(scan["baseline_accuracy"]))]
     act, red = result["activation_sensitivity"] or {}, result["redundancy"] or {}
     if act:
         n_crit, n_all = sum(a["critical_count"] for a in act.values()), sum(len(a["critical"]) for a in act.values())
@@ -74,13 +71,13 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     half = {g: min(c, key=lambda r: abs(r["ratio"] - 0.5))["accuracy"] for g, c in scan["curves"].items() if c}
     if half:
         lo, hi = min(half, key=half.get), max(half, key=half.get)
-        rows.append(("most / least sensitive group", f"{lo} ({_pct(half[lo])} at ~0.5) / {hi} ({_pct(half[hi])})"
-                     if half[lo] < half[hi] else f"all alike ({_pct(half[lo])} at ~0.5)"))
+        rows.append(("most / least sensitive group", f"{lo} ({pct(half[lo])} at ~0.5) / {hi} ({pct(half[hi])})"
+                     if half[lo] < half[hi] else f"all alike ({pct(half[lo])} at ~0.5)"))
     s = result["suggested_ratios"]
     verdict = "reached" if s["reached"] else "not reachable by these groups"
     rows.append((f"suggested ratios (MACs {s['target_macs']:g})",
                  f"predicted MACs {s['predicted_macs_fraction']:.3f} of now ({verdict}), top-1 "
-                 f"{_pct(s['predicted_accuracy'])}; " + (", ".join(f"{g} {r:g}" for g, r in s["ratios"].items()) or "none")))
+                 f"{pct(s['predicted_accuracy'])}; " + (", ".join(f"{g} {r:g}" for g, r in s["ratios"].items()) or "none")))
     return rows
 
 
@@ -125,7 +122,7 @@ def cluster_lines(result: dict) -> list[str]:
 def detail_tables(result: dict) -> list[tuple[str, list[str], list[list]]]:
     """(title, headers, rows) of the per-layer, per-group and per-tapped-layer tables."""
     layers = [[r["name"], r["type"], "x".join(map(str, r["output_shape"])) or "–", r["params"], r["macs"],
-               f"{100 * r['macs_share']:.1f}%"] for r in result["layers"]]
+               pct(r['macs_share'], 1)] for r in result["layers"]]
     out = [("layers", ["layer", "type", "output", "params", "MACs", "MACs share"], layers)]
     scan = result.get("pruning_sensitivity") or {}
     curves, ratios = scan.get("curves") or {}, result["settings"]["ratios"]
@@ -136,7 +133,7 @@ def detail_tables(result: dict) -> list[tuple[str, list[str], list[list]]]:
         apoz = imp.get("apoz")
         row = [g["name"], g["channels"], ", ".join(g["layers"]["in"]) or "–",
                "–" if not apoz else f"{100 * sum(apoz) / len(apoz):.1f}%"]
-        row += [_pct(p["accuracy"]) for p in curves.get(g["name"], [])]
+        row += [pct(p["accuracy"]) for p in curves.get(g["name"], [])]
         rows.append(row + ([f"{suggested.get(g['name'], 0):g}"] if curves else []))
     heads = ["group", "channels", "feeds", "APoZ"] + ([f"@{r:g}" for r in ratios] + ["suggested"] if curves else [])
     out.append(("prunable groups" + (": top-1 with the group alone pruned @ratio" if curves else ""), heads, rows))
@@ -210,7 +207,7 @@ def report_html(result: dict) -> str:
         curves = scan["curves"]
         parts += ["<h2>Pruning sensitivity</h2>",
                   f"<p>Each group pruned alone (lowest {scan['criterion']} first), top-1 on {scan['samples']} "
-                  f"samples; baseline {_pct(scan['baseline_accuracy'])}. Scan took {scan['seconds']:.1f} s.</p>",
+                  f"samples; baseline {pct(scan['baseline_accuracy'])}. Scan took {scan['seconds']:.1f} s.</p>",
                   '<div class="charts">']
         for i, names in enumerate(_chunks(list(curves), 6)):
             series = {g: [(0.0, 100 * scan["baseline_accuracy"])] + [(p["ratio"], 100 * p["accuracy"]) for p in curves[g]]
@@ -220,7 +217,7 @@ def report_html(result: dict) -> str:
         parts.append("</div>")
         s = result["suggested_ratios"]
         parts.append(f"<p>Suggested ratios for MACs {s['target_macs']:g}: predicted MACs "
-                     f"{s['predicted_macs_fraction']:.3f} of the model's, predicted top-1 {_pct(s['predicted_accuracy'])} "
+                     f"{s['predicted_macs_fraction']:.3f} of the model's, predicted top-1 {pct(s['predicted_accuracy'])} "
                      f"({html.escape(s['method'])}).</p>")
     title, heads, rows = tables[1]
     parts += [f"<h3>{html.escape(title[0].upper() + title[1:])}</h3>", html_table(heads, rows)]

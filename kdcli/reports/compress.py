@@ -12,16 +12,9 @@ import html
 from pathlib import Path
 
 from kdcli.files import atomic_write_json, atomic_write_text
+from kdcli.reports.format import binary_size, integer, ms, pct, ratio
 
 SCHEMA_VERSION = 1
-
-
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.2f}%"
-
-
-def _int(v) -> str:
-    return "–" if v is None else f"{int(v):,}"
 
 
 def _export_side(result, role: str) -> dict:
@@ -39,7 +32,7 @@ def _export_side(result, role: str) -> dict:
 
 def _latency_text(side: dict) -> str:
     lat = side.get("latency") or {}
-    parts = [f"{v['median_ms']:.3f} ms @{bs}" for bs, v in sorted(lat.items(), key=lambda kv: int(kv[0]))
+    parts = [f"{ms(v['median_ms'], unit=True)} @{bs}" for bs, v in sorted(lat.items(), key=lambda kv: int(kv[0]))
              if isinstance(v, dict) and "median_ms" in v]
     return ", ".join(parts) or "–"
 
@@ -49,36 +42,32 @@ def summary_rows(result) -> list[tuple[str, str, str]]:
     t, s = result.teacher, result.student
     te, se = _export_side(result, "teacher"), _export_side(result, "student")
     rows = [("model", str(t.get("model", "")), f"{s.get('model', 'student')} ({s.get('from') or 'as declared'})"),
-            ("val accuracy", _pct(t.get("val_accuracy")), _pct(s.get("val_accuracy")))]
+            ("val accuracy", pct(t.get("val_accuracy")), pct(s.get("val_accuracy")))]
     if "test_accuracy" in t or "test_accuracy" in s:
-        rows.append(("test accuracy", _pct(t.get("test_accuracy")), _pct(s.get("test_accuracy"))))
+        rows.append(("test accuracy", pct(t.get("test_accuracy")), pct(s.get("test_accuracy"))))
     if te.get("onnx_accuracy") is not None or se.get("onnx_accuracy") is not None:
-        rows.append(("ONNX accuracy", _pct(te.get("onnx_accuracy")), _pct(se.get("onnx_accuracy"))))
-    rows += [("parameters", _int(t.get("params")), f"{_int(s.get('params'))} ({s.get('params_ratio', 0):.3f}×)"),
-             ("MACs", _int(t.get("macs")), f"{_int(s.get('macs'))} ({s.get('macs_ratio', 0):.3f}×)")]
+        rows.append(("ONNX accuracy", pct(te.get("onnx_accuracy")), pct(se.get("onnx_accuracy"))))
+    rows += [("parameters", integer(t.get("params")), f"{integer(s.get('params'))} ({ratio(s.get('params_ratio', 0))})"),
+             ("MACs", integer(t.get("macs")), f"{integer(s.get('macs'))} ({ratio(s.get('macs_ratio', 0))})")]
     if te or se:
-        rows.append(("ONNX file", _size(te.get("onnx_bytes")), _size(se.get("onnx_bytes"))))
+        rows.append(("ONNX file", binary_size(te.get("onnx_bytes")), binary_size(se.get("onnx_bytes"))))
         rows.append(("latency (onnxruntime)", _latency_text(te), _latency_text(se)))
     return rows
-
-
-def _size(n) -> str:
-    if n is None:
-        return "–"
-    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
 
 
 def summary_table(result):
     """A rich Table of teacher against student, then the verdict."""
     from rich.table import Table
+    from rich.text import Text
 
+    # Text, not markup: model specs and gate messages are the user's strings ("m[v2].py", "[/ms]")
     verdict = "target met" if result.target_met and not result.gate_failures else "; ".join(result.gate_failures)
-    table = Table(title="kdcli compress", caption=verdict)
+    table = Table(title="kdcli compress", caption=Text(verdict))
     table.add_column("")
     table.add_column("teacher", justify="right")
     table.add_column("student", justify="right")
     for row in summary_rows(result):
-        table.add_row(*row)
+        table.add_row(*(Text(str(c)) for c in row))
     return table
 
 
@@ -87,7 +76,8 @@ def _steps_rows(result) -> list[list[str]]:
     for r in result.steps:
         tau = r.get("tau")
         rows.append([str(r["step"]), str(r["attempt"]), "–" if tau is None else f"{tau:.4f}",
-                     f"{r['macs_ratio']:.3f}", _int(r["params"]), _pct(r["val_accuracy"]),
+                     f"{r['macs_ratio']:.3f}", integer(r["params"]),
+                     pct(r["val_accuracy"]) if r["val_accuracy"] == r["val_accuracy"] else "–",  # NaN: diverged
                      f"{100 * r['accuracy_drop']:.2f}" if r["accuracy_drop"] == r["accuracy_drop"] else "–",
                      "yes" if r["accepted"] else "no", r["reason"]])
     return rows
@@ -99,7 +89,7 @@ _STEP_HEADERS = ["step", "attempt", "τ", "MACs ratio", "params", "val acc", "dr
 def render_markdown(result) -> str:
     """The report as Markdown (for a pull request or a CI job summary)."""
     out = ["# kdcli compress report", "",
-           f"**{'Target met' if result.target_met else 'Target not met'}**"
+           f"**{'Target met' if result.target_met and not result.gate_failures else 'Target not met'}**"
            + ("" if not result.gate_failures else ": " + "; ".join(result.gate_failures)), "",
            "| | teacher | student |", "|---|---:|---:|"]
     out += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(result)]
@@ -128,7 +118,8 @@ def render_html(result) -> str:
 
     t = result.teacher
     teacher_pt = [(1.0, 100 * t["val_accuracy"])]
-    kept = [(r["macs_ratio"], 100 * r["val_accuracy"]) for r in result.steps if r["accepted"]]
+    kept = [(r["macs_ratio"], 100 * r["val_accuracy"]) for r in result.steps
+            if r["accepted"] and r["val_accuracy"] == r["val_accuracy"]]
     undone = [(r["macs_ratio"], 100 * r["val_accuracy"]) for r in result.steps
               if not r["accepted"] and r["val_accuracy"] == r["val_accuracy"]]
     series = {"teacher": teacher_pt}

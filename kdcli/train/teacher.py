@@ -16,9 +16,9 @@ from torch import nn
 from kdcli.config.recipe import Recipe
 from kdcli.console import Reporter
 from kdcli.data.loader import DataBundle
-from kdcli.models import absolute_spec
-from kdcli.models.file import (ModelInfo, check_model_fits, data_metadata, load_model_any, recipe_models,
-                               save_model)
+from kdcli.ensembles import build_ensemble_teacher
+from kdcli.models import absolute_spec, build_model
+from kdcli.models.file import ModelInfo, check_model_fits, data_metadata, load_model_any, recipe_models, save_model
 from kdcli.train.loop import evaluate, fit, tensor_batches
 
 
@@ -38,7 +38,6 @@ def train_teacher(recipe: Recipe, data: DataBundle, device: torch.device,
     """Train the recipe's teacher from scratch with cross-entropy (an ensemble teacher with
     :func:`kdcli.ensembles.build_ensemble_teacher`, which writes ``ensemble.json`` to
     ``run_dir``); returns model, info, metrics."""
-    from kdcli.models import build_model
 
     torch.manual_seed(recipe.seed)
     spec = recipe.teacher
@@ -63,7 +62,6 @@ def train_teacher(recipe: Recipe, data: DataBundle, device: torch.device,
 
 def _ensemble_teacher(recipe: Recipe, data: DataBundle, device: torch.device, reporter: Reporter,
                       run_dir: Path | None) -> tuple[nn.Module, ModelInfo, dict]:
-    from kdcli.ensembles import build_ensemble_teacher
 
     model, info = build_ensemble_teacher(recipe.teacher, data, device, reporter, recipe.base_dir, run_dir,
                                          seed=recipe.seed)
