@@ -89,7 +89,7 @@ def _command(fn: Callable) -> Callable:
     return wrapper
 
 
-def _reporter(json_out: bool):
+def _reporter():
     """Progress on stderr, with or without ``--json`` (whose result alone goes to stdout)."""
     from kdcli.console import Reporter
 
@@ -194,7 +194,7 @@ def train(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (defau
         raise InputError(f"--out {path}: is a directory; give a .kdc file or a directory to write teacher.kdc in")
     check_writable_dir(path.parent, "--out")  # before training, not after it
     dev = _device(device, rec, threads)
-    rep = _reporter(json_out)
+    rep = _reporter()
     data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)
     rep.info(f"data: {data.description}")
     model, info, metrics = train_teacher(rec, data, dev, rep)
@@ -241,7 +241,7 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
         rec, run_dir = start_run(_recipe_path(recipe), out_dir=out, overrides=set_ or (), overwrite=overwrite)
     compress._resume_hint = f"kdcli compress --resume {run_dir}"
     dev = _device(device, rec, threads)
-    rep = _reporter(json_out)
+    rep = _reporter()
     rep.info(f"run directory: {run_dir}  device: {dev}")
     result = run_compress(rec, run_dir, device=dev, reporter=rep, trust=trust,
                           do_export=False if no_export else None)
@@ -352,7 +352,7 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
 
     rec = load_recipe(recipe) if recipe is not None else None
     check_writable_dir(out, "--out")
-    rep = _reporter(json_out)
+    rep = _reporter()
     data = None
     if rec is not None:
         from kdcli.data.loader import load_data
@@ -418,7 +418,7 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
     rec = load_recipe(recipe) if recipe is not None else None
     if out is not None:
         check_writable_dir(out, "--out")
-    rep = _reporter(json_out)
+    rep = _reporter()
     data = _analysis_data(rec, data_flag)
     dev = _device(device, rec, threads)
     mdl, info = _load_for_export(checkpoint, rec, model, model_args, data, trust, input_shape, num_classes)

@@ -111,9 +111,6 @@ def activation_statistics(model: nn.Module, batches: Sequence, layers: Sequence[
                 return
             seen.add(path)
             t = first_tensor(out)
-            if not bool(torch.isfinite(t.detach()).all()):  # before the statistics and PCA go NaN
-                raise ModelError(f"layer {path}: activations hold NaN or infinite values (weights or inputs "
-                                 "too large for float32?)")
             a = _per_feature(t.detach())
             stats[path].add_activation(a)
             shapes[path] = list(t.shape[1:])
@@ -147,6 +144,10 @@ def activation_statistics(model: nn.Module, batches: Sequence, layers: Sequence[
     for p, s in stats.items():
         if s.act_sum is None:
             continue
+        # one check per layer after the pass (not a device sync per batch): NaN and inf stay in the sums
+        if not bool(torch.isfinite(s.act_sum).all()):
+            raise ModelError(f"layer {p}: activations hold NaN or infinite values (weights or inputs "
+                             "too large for float32?)")
         n = max(s.count, 1)
         mean_g = s.grad_sum / n
         var_g = (s.grad_sq / n - mean_g * mean_g).clamp_min(0)

@@ -25,7 +25,7 @@ from kdcli.data.loader import DataBundle
 from kdcli.distill.distiller import Distiller, TeacherCache
 from kdcli.train.loop import fit, tensor_batches
 
-_LOSSES = TypeAdapter(list[LossSpec])
+_LOSS = TypeAdapter(LossSpec)
 
 
 @dataclass
@@ -53,7 +53,7 @@ def distil(teacher: nn.Module, student: nn.Module, losses: Sequence, data: DataB
     sample order before training, so its values do not depend on the order batches arrive in.
     Everything random is seeded from ``seed``."""
     device = torch.device(device)
-    specs = _LOSSES.validate_python([s if isinstance(s, dict) else s.model_dump(by_alias=True) for s in losses])
+    specs = [_LOSS.validate_python(s) if isinstance(s, dict) else s for s in losses]
     if val is None:
         val = tensor_batches(*data.eval_tensors("val", device))
     torch.manual_seed(seed)
