@@ -154,6 +154,25 @@ def recipe_schema(debug: bool = DEBUG) -> None:
     typer.echo(json.dumps(recipe_json_schema(), indent=2))
 
 
+@app.command("schema")
+@_command
+def schema(name: str = typer.Argument(..., metavar="NAME",
+                                      help="recipe, export-report (report.json), analysis (analysis.json) or "
+                                           "compress-report (compress_report.json)."),
+           debug: bool = DEBUG) -> None:
+    """Print the JSON Schema of a recipe or of a report file (its $id is the file's $schema)."""
+    if name == "recipe":
+        from kdcli.config.recipe import recipe_json_schema
+
+        typer.echo(json.dumps(recipe_json_schema(), indent=2))
+        return
+    from kdcli.reports.models import REPORT_KINDS, report_json_schema
+
+    if name not in REPORT_KINDS:
+        raise InputError(f"NAME {name!r}: expected recipe, {', '.join(REPORT_KINDS)}")
+    typer.echo(json.dumps(report_json_schema(name), indent=2))
+
+
 @recipe_app.command("show")
 @_command
 def recipe_show(name: str = typer.Argument("quickstart", help="A built-in recipe name."),
@@ -195,8 +214,8 @@ def train(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (defau
     check_writable_dir(path.parent, "--out")  # before training, not after it
     dev = _device(device, rec, threads)
     rep = _reporter()
-    data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)
-    rep.info(f"data: {data.description}")
+    data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)  # kdcli trains it: auto validates on train
+    rep.info(f"data: {data.description}; {data.judged_by()}")
     model, info, metrics = train_teacher(rec, data, dev, rep)
     save_model(path, model, info)
     result = {"teacher": str(path), "model": info.name, **metrics}
@@ -357,7 +376,7 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     if rec is not None:
         from kdcli.data.loader import load_data
 
-        data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)
+        data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed, held_out=rec.teacher_trained_elsewhere)
     s_model, s_info = _load_for_export(student, rec, model, model_args, data, trust, input_shape, num_classes)
     t_model = t_info = None
     if teacher is not None:
@@ -368,6 +387,7 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     if data is not None:
         split = "test" if data.test is not None else "val"
         x_eval, y_eval = data.eval_tensors(split, torch.device("cpu"))
+        rep.info(f"accuracy judged on {data.splits.get(split, split)}; normalisation: {data.normalization()}")
     exp = rec.export if rec is not None else None
     bs = _split_ints(batch_sizes, "--batch-sizes") if batch_sizes else (list(exp.batch_sizes) if exp else [1, 64])
     gates = list(fail_if or []) or (list(exp.fail_if) if exp else [])
@@ -404,6 +424,19 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
             clusters: Optional[int] = typer.Option(None, "--clusters", metavar="K",
                                                    help="Group the classes into K confusable subsets (Hinton et al. 2015 "
                                                         "specialists) from the model's predicted probabilities; needs data."),
+            val: Optional[str] = typer.Option(None, "--val", metavar="SPLIT[:FRACTION]",
+                                              help="With --data: the data that judges the model: test:0.5 (the default: "
+                                                   "half of the held-out split, seeded), test (all of it) or train:0.1 "
+                                                   "(part of the training split, which a checkpoint has usually seen)."),
+            normalize: Optional[str] = typer.Option(None, "--normalize", metavar="auto|none|MEAN/STD",
+                                                    help="With --data: the model's input normalisation, e.g. "
+                                                         "0.485,0.456,0.406/0.229,0.224,0.225 (default auto: measured "
+                                                         "on the training split)."),
+            input_size: Optional[str] = typer.Option(None, "--input-size", metavar="H,W",
+                                                     help="With --data: resize or pad the images to H,W (see --fit)."),
+            fit: Optional[str] = typer.Option(None, "--fit", metavar="resize|pad", help="With --input-size: how (default resize)."),
+            channels: Optional[int] = typer.Option(None, "--channels", min=1, max=4096,
+                                                   help="With --data: replicate (1 -> N) or reduce (3 -> 1) the image channels."),
             input_shape: Optional[str] = INPUT_SHAPE, num_classes: Optional[int] = NUM_CLASSES,
             device: Optional[str] = DEVICE, trust: bool = TRUST, threads: Optional[int] = THREADS,
             json_out: bool = JSON, debug: bool = DEBUG) -> None:
@@ -419,9 +452,14 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
     if out is not None:
         check_writable_dir(out, "--out")
     rep = _reporter()
-    data = _analysis_data(rec, data_flag)
+    data = _analysis_data(rec, data_flag, {"--val": val, "--normalize": normalize, "--input-size": input_size,
+                                           "--fit": fit, "--channels": channels})
     dev = _device(device, rec, threads)
     mdl, info = _load_for_export(checkpoint, rec, model, model_args, data, trust, input_shape, num_classes)
+    if data is not None:  # after the model and data are known to fit: a misfit is the only line
+        rep.info(f"data: {data.judged_by()}")
+        for note in data.notes:
+            rep.warn(note)
     settings = rec.analyze if rec is not None else None
     try:
         result = run_analyze(mdl.to(dev), info, data, device=dev, settings=settings, target_macs=target_macs,
@@ -436,22 +474,84 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
             rep.info(f"written: {out / 'analysis.json'}, {out / 'report.html'}")
 
 
-def _analysis_data(rec, data_flag: Optional[str]):
+def _analysis_data(rec, data_flag: Optional[str], flags: dict):
+    given = [k for k, v in flags.items() if v is not None]
+    if given and data_flag is None:
+        raise InputError(f"{given[0]}: needs --data (with --recipe, the recipe's data section decides)")
     if rec is None and data_flag is None:
         return None
     from kdcli.config.data import DataSpec
     from kdcli.data.loader import load_data
 
-    if data_flag is not None:
-        kind, _, path = data_flag.partition(":")
-        source: Any = "digits" if kind == "digits" else {"kind": kind, "path": path}
+    if data_flag is None:
+        return load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed, held_out=rec.teacher_trained_elsewhere)
+    kind, _, path = data_flag.partition(":")
+    source: Any = "digits" if kind == "digits" else {"kind": kind, "path": path}
+    try:
+        DataSpec.model_validate({"source": source})
+    except Exception:
+        raise InputError(f"--data {data_flag!r}: expected digits or KIND:PATH with KIND one of "
+                         "idx, cifar10-bin, tensors, image-folder") from None
+    spec = {"source": source, **_data_flags(flags)}
+    try:
+        parsed = DataSpec.model_validate(spec)
+    except Exception as exc:
+        raise InputError(f"--data options: {_first_error(exc)}") from None
+    # --data names a checkpoint's data: it has usually trained on the training split, so by
+    # default half of the held-out split judges it (held_out=True), as in a recipe with a checkpoint
+    return load_data(parsed, base_dir=Path.cwd(), seed=rec.seed if rec is not None else 0, held_out=True)
+
+
+def _data_flags(flags: dict) -> dict:
+    """The ``data:`` keys that analyze's --val/--normalize/--input-size/--fit/--channels stand for."""
+    out: dict = {}
+    val = flags["--val"]
+    if val is not None:
+        split, _, frac = val.partition(":")
+        if split not in ("train", "test") or (split == "train" and not frac):
+            raise InputError(f"--val {val!r}: expected test, test:FRACTION or train:FRACTION (e.g. test:0.5)")
         try:
-            spec = DataSpec.model_validate({"source": source})
-        except Exception:
-            raise InputError(f"--data {data_flag!r}: expected digits or KIND:PATH with KIND one of "
-                             "idx, cifar10-bin, tensors, image-folder") from None
-        return load_data(spec, base_dir=Path.cwd(), seed=rec.seed if rec is not None else 0)
-    return load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)
+            out["val"] = "test" if not frac else {"split": split, "fraction": float(frac)}
+        except ValueError:
+            raise InputError(f"--val {val!r}: FRACTION must be a number in (0, 1)") from None
+        if frac and not 0 < out["val"]["fraction"] < 1:
+            raise InputError(f"--val {val!r}: FRACTION must be a number in (0, 1)")
+    norm = flags["--normalize"]
+    if norm is not None:
+        if norm in ("auto", "none"):
+            out["normalize"] = norm
+        else:
+            mean, sep, std = norm.partition("/")
+            try:
+                out["normalize"] = {"mean": [float(v) for v in mean.split(",")], "std": [float(v) for v in std.split(",")]}
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise InputError(f"--normalize {norm!r}: expected auto, none or MEAN/STD with comma-separated values, "
+                                 "e.g. 0.485,0.456,0.406/0.229,0.224,0.225")
+    adapt: dict = {}
+    if flags["--input-size"] is not None:
+        size = _split_ints(flags["--input-size"], "--input-size")
+        if len(size) != 2:
+            raise InputError(f"--input-size {flags['--input-size']!r}: expected H,W (two integers)")
+        adapt["size"] = size
+    if flags["--fit"] is not None:
+        if flags["--fit"] not in ("resize", "pad"):
+            raise InputError(f"--fit {flags['--fit']!r}: expected resize or pad")
+        adapt["fit"] = flags["--fit"]
+    if flags["--channels"] is not None:
+        adapt["channels"] = flags["--channels"]
+    if adapt:
+        out["input"] = adapt
+    return out
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        e = errors()[0]
+        return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+    return str(exc)
 
 
 def main() -> None:

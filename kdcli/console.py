@@ -33,6 +33,17 @@ class Reporter:
         else:
             print(_strip_markup(message), file=self.stream, flush=True)
 
+    def warn(self, message: str) -> None:
+        """A ``warning:`` line (kept whole: no rich markup is read from ``message``)."""
+        if self.quiet:
+            return
+        if self._console is not None:
+            from rich.markup import escape
+
+            self._console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+        else:
+            print(f"warning: {message}", file=self.stream, flush=True)
+
     def metrics(self, prefix: str, m: dict) -> None:
         """One line per epoch: ``prefix epoch 3/10 loss 0.41 train 88.1% val 90.2% (1.2s)``."""
         parts = [f"{prefix} epoch {m.get('epoch')}/{m.get('epochs')}",

@@ -15,6 +15,7 @@ from torch import nn
 
 from kdcli.analyze.analysis import analyze, layer_table
 from kdcli.reports.analysis import render_terminal
+from kdcli.reports.analysis_model import load_analysis
 from kdcli.console import Reporter
 from kdcli.data.loader import DataBundle, TensorData
 from kdcli.analyze.granularity import GranularityMap
@@ -259,7 +260,10 @@ def test_outputs_are_written_and_read_back(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis.json", "granularity.json", "report.html",
                                                            "sensitivity.csv"]
     obj = json.loads((tmp_path / "analysis.json").read_text())
+    assert list(obj)[:2] == ["$schema", "schema_version"] and obj["$schema"] == "urn:kdcli:schema:analysis:1"
     assert obj["schema_version"] == 1 and obj["suggested_ratios"]["target_macs"] == 0.7
+    assert obj == json.loads(json.dumps(res))  # the file is the returned result (validated, then written)
+    assert load_analysis(tmp_path / "analysis.json").to_json() == obj
     assert obj["suggested_ratios"]["predicted_macs"] <= 0.7 * obj["model"]["macs"] or not obj["suggested_ratios"]["reached"]
     from kdcli.dkdp.compress import _suggested_ratios
 
@@ -306,6 +310,8 @@ def test_static_analysis_of_a_pruned_student_file(tmp_path):
     assert {g["name"]: g["channels"] for g in res["groups"]} == {"conv1": 4, "conv2": 3}
     assert set(res["groups"][1]["importance"]) == {"magnitude", "magnitude-l1", "bn-scale"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["analysis.json", "report.html"]
+    static = load_analysis(tmp_path / "out" / "analysis.json")  # the typed model reads the null sections
+    assert static.data is None and static.suggested_ratios is None and static.groups[1].layers.norm == ["bn2"]
     stream = _Capture()
     render_terminal(res, Reporter(stream=stream), details=True)
     assert "static figures only" in stream.text and "conv2" in stream.text

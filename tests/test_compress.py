@@ -228,3 +228,52 @@ def test_distil_needs_no_recipe_and_carries_the_teacher_cache(tmp_path):
     assert again.cache is res.cache
     with pytest.raises(Exception, match="kind"):
         distil(teacher, student, [{"kind": "nope"}], data, TrainSpec(epochs=1))
+
+
+def test_after_an_undone_step_no_step_cuts_more_than_the_largest_that_held(tmp_path, monkeypatch):
+    """Issue #12 item 5: a scripted accuracy that fails any step cutting more than 40 % of the
+    MACs. The first planned step (to sqrt(0.2) = 0.45 of the MACs) is undone; from then on no
+    attempt aims at a larger cut than the largest that held, and the schedule grows past
+    steps + max_retries attempts instead of cutting to the target at once."""
+    real_attempt = C.Loop.attempt
+
+    def scripted(self, macs, params):
+        a = real_attempt(self, macs, params)
+        cut = 1 - a.new_macs / a.macs
+        a.accuracy = self.ctx.target.teacher_accuracy - (0.05 if cut > 0.4 else 0.001)
+        return a
+
+    monkeypatch.setattr(C.Loop, "attempt", scripted)
+    res = run(tmp_path, extra=["target.macs=0.2", "target.max_accuracy_drop=0.01", "prune.steps=2",
+                               "prune.max_retries=2", "distill.train.epochs=1"])
+    steps = res.steps
+    assert not steps[0]["accepted"] and "undone" in steps[0]["reason"]
+    assert len(steps) > 2 + 2  # grew beyond steps + max_retries
+    macs_before = res.teacher["macs"]
+    held = []
+    for r in steps:
+        aim_ratio = r["target_macs"] / macs_before
+        if held:
+            assert aim_ratio >= min(held) - 1e-9, (r, held)  # never a larger cut than one that held
+        if r["accepted"]:
+            held.append(r["macs"] / macs_before)
+            macs_before = r["macs"]
+    assert all(r["accepted"] for r in steps[1:]) and not any(r["forced"] for r in steps)
+    assert res.target_met and res.student["macs"] <= 0.2 * res.teacher["macs"] * 1.0001
+
+
+def test_the_last_step_the_schedule_may_take_is_forced_to_the_target_and_says_so(tmp_path, monkeypatch):
+    real_attempt = C.Loop.attempt
+
+    def scripted(self, macs, params):
+        a = real_attempt(self, macs, params)
+        a.accuracy = self.ctx.target.teacher_accuracy - (0.05 if 1 - a.new_macs / a.macs > 0.4 else 0.001)
+        return a
+
+    monkeypatch.setattr(C.Loop, "attempt", scripted)
+    res = run(tmp_path, extra=["target.macs=0.1", "prune.steps=2", "prune.max_steps=3", "prune.max_retries=1",
+                               "distill.train.epochs=1"])
+    last = res.steps[-1]
+    assert last["accepted"] and last["forced"] and "forced" in last["forced"]
+    assert res.student["macs"] <= 0.1 * res.teacher["macs"] * 1.0001
+    assert sum(r["accepted"] for r in res.steps) == 3

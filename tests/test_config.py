@@ -1,4 +1,4 @@
-"""The recipe schema package (kdcli.config): torch-free, fast, published as JSON Schema, and built
+"""The recipe schema package (kdcli.config): torch-free, published as JSON Schema, and built
 from registries, so that each kind (loss, data source, importance criterion) is defined once."""
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from kdcli.cli import app
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_recipe_validate_imports_no_torch_and_answers_fast():
-    code = ("import sys, time; t = time.perf_counter(); from kdcli.cli import main; "
-            f"sys.argv = ['kdcli', 'recipe', 'validate', {str(REPO / 'recipes' / 'cifar10-resnet.yaml')!r}]\n"
-            "try: main()\nexcept SystemExit as e: code = e.code\n"
-            "print('torch' in sys.modules, code, time.perf_counter() - t)")
-    best = None
-    for _ in range(3):  # the best of three: a loaded CI machine may stall one start
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        torch_loaded, code_, seconds = out.split()[-3:]
-        assert torch_loaded == "False" and code_ in ("0", "None"), out
-        best = min(best or 1e9, float(seconds))
-    assert best < 0.5, best
+def test_recipe_validate_imports_no_torch():
+    """``kdcli recipe validate`` loads and validates a full recipe through the CLI without importing
+    torch (or the other heavy runtime packages): what keeps it quick, checked by behaviour, not time."""
+    recipe = REPO / "recipes" / "cifar10-resnet.yaml"
+    code = ("import sys; from kdcli.cli import main\n"
+            f"sys.argv = ['kdcli', 'recipe', 'validate', {str(recipe)!r}]\n"
+            "try: main()\nexcept SystemExit as e: code = e.code or 0\nelse: code = 0\n"
+            "heavy = sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'torch_pruning', 'onnx', 'onnxruntime'})\n"
+            "print('RESULT', code, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert f"{recipe}: valid" in out, out
+    assert out.strip().splitlines()[-1] == "RESULT 0 []", out
 
 
 def test_recipe_schema_describes_every_section_and_the_registries():

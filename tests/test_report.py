@@ -109,6 +109,10 @@ def test_json_schema_comes_from_the_model():
     assert set(schema["required"]) == set(TOP_LEVEL) - {"$schema"}  # reports written before $schema still read
     for name, sub in schema["$defs"].items():
         assert sub.get("additionalProperties") is False, name  # no unknown keys anywhere
+    # batch-size maps: only "1", "64", ... keys, as the model (pydantic writes patternProperties alone)
+    latency = schema["$defs"]["Latency"]["properties"]
+    for by_batch in (latency["pytorch"]["additionalProperties"], latency["speedup"]["additionalProperties"]):
+        assert list(by_batch["patternProperties"]) == ["^[1-9][0-9]*$"] and by_batch["additionalProperties"] is False
 
 
 def _write(tmp_path, obj, name="report.json"):
@@ -167,7 +171,11 @@ def test_command_line_validator(exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"error: {bad}: not a valid export report: notes[0]: Input should be a valid string (got 1)\n"
     assert main(["--schema"]) == 0 and json.loads(capsys.readouterr().out)["$id"] == SCHEMA_URI
+    assert main(["--schema", "export-report"]) == 0 and json.loads(capsys.readouterr().out)["$id"] == SCHEMA_URI
     assert main([]) == 2
+    # a file that is no kdcli report at all
+    other = _write(tmp_path, {"name": "x"}, "other.json")
+    assert main([str(other)]) == 2 and "other.json: not a kdcli report" in capsys.readouterr().err
 
 
 def test_older_and_teacherless_reports_still_read(exported, tmp_path):

@@ -9,7 +9,9 @@ import re
 
 
 from kdcli.dkdp.compress import CompressResult
-from kdcli.reports.compress import SCHEMA_VERSION, render_html, render_markdown, summary_table, write_compress_report
+from kdcli.reports.compress import (SCHEMA_URI, SCHEMA_VERSION, render_html, render_markdown, summary_table,
+                                   write_compress_report)
+from kdcli.reports.compress_model import load_compress_report
 
 TEACHER = {"model": "mlp", "macs": 85514, "params": 85002, "val_accuracy": 0.98, "test_accuracy": 0.9}
 
@@ -52,12 +54,17 @@ def _md_table(md: str, header_start: str) -> list[list[str]]:
 
 
 def test_json_is_the_result_with_its_schema_version(tmp_path):
-    """compress_report.json holds every field of the result, as written, plus schema_version."""
+    """compress_report.json holds every field of the result, as written, after $schema and
+    schema_version; it reads back through its typed model."""
     res = _result(tmp_path, vid_lambda={"matrix": [[0.25], [0.75]], "teacher_layers": ["t1", "t2"],
                                         "student_layers": ["s1"], "learned": True})
     write_compress_report(res, tmp_path)
     obj = json.loads((tmp_path / "compress_report.json").read_text())
+    assert list(obj)[:2] == ["$schema", "schema_version"] and list(obj)[2:] == list(res.to_json())
+    assert obj["$schema"] == SCHEMA_URI == "urn:kdcli:schema:compress-report:1"
     assert obj["schema_version"] == SCHEMA_VERSION == 1
+    report = load_compress_report(tmp_path / "compress_report.json")
+    assert report.to_json() == obj and report.steps[1].accepted is False and report.student.from_ == "steps/final.kdc"
     assert obj["run_dir"] == str(tmp_path)
     assert obj["teacher"] == TEACHER and obj["student"] == STUDENT and obj["steps"] == STEPS
     assert obj["target_met"] is True and obj["gate_failures"] == [] and obj["export"] is None
@@ -229,3 +236,24 @@ def test_a_diverged_step_shows_dashes_not_nan(tmp_path):
     assert not any(t.startswith("undone steps") for _, _, t in _circles(page))
     row = _md_table(render_markdown(res), "| step |")[1]
     assert row[5:7] == ["–", "–"] and "nan%" not in page.lower()
+
+
+def test_the_reports_say_which_data_judged_what_and_which_steps_were_forced(tmp_path):
+    steps = [dict(s) for s in STEPS]
+    steps[2]["forced"] = "the target forced a step over the accuracy budget: drop 3.00 pt > 2.00 pt"
+    data = {"splits": {"train": "the training split of cifar10-bin d", "val": "500 of the 1,000 test samples (seed 0)",
+                       "test": "the other 500 test samples (disjoint from validation)"},
+            "normalization": "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225) (data.normalize)",
+            "warnings": ["data.val: the teacher scores 99.8% on validation but 91.5% on the test part"]}
+    res = _result(tmp_path, steps=steps, data=data)
+    md = render_markdown(res)
+    section = md[md.index("## Data"):md.index("## DKDP steps")]
+    assert "- val: 500 of the 1,000 test samples (seed 0)" in section
+    assert "- test: the other 500 test samples" in section and "normalisation: mean (0.485" in section
+    assert "- warning: data.val: the teacher scores 99.8%" in section and "- warning: step 2: the target forced" in section
+    rows = _md_table(md, "| step")
+    assert rows[2][7] == "yes (forced)" and rows[0][7] == "yes" and rows[1][7] == "no"
+    write_compress_report(res, tmp_path)
+    back = load_compress_report(tmp_path / "compress_report.json")
+    assert back.data.splits["val"].startswith("500 of") and back.steps[2].forced.startswith("the target forced")
+    assert "<h2>Data</h2>" in (tmp_path / "compress_report.html").read_text()

@@ -6,12 +6,14 @@ measured on a validation subset are added: Taylor and activation importances, me
 and APoZ per channel, activation sensitivity and the granularity map, PCA redundancy, and the
 layer pruning-sensitivity scan with suggested per-group ratios (see :mod:`kdcli.analyze.sensitivity`).
 
-``analysis.json`` (``schema_version`` 1) holds:
+``analysis.json`` is :class:`kdcli.reports.analysis_model.AnalysisReport` (its JSON Schema:
+``kdcli.reports.models.report_json_schema("analysis")``). It holds:
 
+- ``$schema``: ``"urn:kdcli:schema:analysis:1"``, and ``schema_version``: 1;
 - ``model``: ``name``, ``input_shape``, ``num_classes``, ``macs`` and ``params`` (torch-pruning's
   counter, per sample), ``pruned`` (whether the model carries a pruning history);
 - ``data``: ``description``, ``split`` and ``samples`` of the evaluation subset, or null;
-- ``settings``: ``ratios``, ``target_macs``, ``eval_samples``, ``critical_fraction``, ``seed``;
+- ``settings``: ``ratios``, ``target_macs``, ``eval_samples``, ``critical_fraction``, ``seed``, ``clusters``;
 - ``layers``: per leaf layer ``name`` (module path), ``type``, ``output_shape`` (one sample),
   ``params``, ``macs``, ``macs_share``, ``params_share`` (of the model's totals);
 - ``groups``: per prunable group ``name`` (root module path), ``channels``, ``layers`` (``out``,
@@ -35,6 +37,9 @@ layer pruning-sensitivity scan with suggested per-group ratios (see :mod:`kdcli.
 - ``timings``: seconds per phase (``static``, ``importance``, ``activation``, ``scan``, ``clusters``);
 - ``files``: the names written to ``out_dir`` (only when written).
 
+The result is validated through the model before it is written (a wrong shape is a
+:class:`kdcli.reports.base.ReportShapeError` naming the field).
+
 Data-driven sections are null without data. ``sensitivity.csv`` (group, ratio, accuracy, macs),
 ``granularity.json`` (:class:`kdcli.analyze.granularity.GranularityMap`) and ``report.html`` go beside it.
 """
@@ -52,6 +57,7 @@ from kdcli.analyze.sensitivity import (activation_statistics, consumer_statistic
                                        pca_redundancy, pruning_sensitivity, suggest_ratios)
 from kdcli.config.importance import CRITERIA, NEEDS_DATA
 from kdcli.config.recipe import AnalyzeSpec
+from kdcli.data.loader import memorised_warning
 from kdcli.console import Reporter
 from kdcli.distill.taps import auto_layers
 from kdcli.ensembles.clusters import class_correlation, confusable_subsets, predicted_probabilities
@@ -60,9 +66,9 @@ from kdcli.models.file import check_model_fits
 from kdcli.models.utils import eval_mode, first_tensor
 from kdcli.prune.pruner import StructuredPruner, count_macs_params
 from kdcli.reports.analysis import write_outputs
+from kdcli.reports.analysis_model import SCHEMA_URI, SCHEMA_VERSION
 from kdcli.train.loop import evaluate, tensor_batches
 
-SCHEMA_VERSION = 1
 _ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
@@ -149,6 +155,23 @@ def _eval_split(data) -> str:
         if part is not None and len(part):
             return name
     raise DataError(f"data ({data.description}): no samples to analyse")
+
+
+def _judged(model, data, split: str, accuracy: float, limit: int | None, device, notes: list, reporter) -> dict:
+    """Which data judged the model, its normalisation and, when the model is judged on validation
+    data and a test part exists, its test accuracy with a warning when validation looks memorised."""
+    out = {"which": data.splits.get(split, split), "normalization": data.normalization()}
+    for note in data.notes:
+        notes.append(note)
+    if split == "val" and data.test is not None and len(data.test):
+        test_acc = evaluate(model, tensor_batches(*data.eval_tensors("test", device, limit=limit),
+                                                  data.eval_batch_size), device)["accuracy"]
+        out["test_accuracy"] = test_acc
+        warning = memorised_warning(accuracy, test_acc, data, who="the model")
+        if warning:
+            reporter.warn(warning)
+            notes.append(warning)
+    return out
 
 
 def _rounded(t, nd: int = 6) -> list:
@@ -252,7 +275,7 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
     names = sorted(pruner.groups, key=lambda g: position.get(g, len(position)))  # model order, not graph order
     timings["static"] = time.perf_counter() - t0
 
-    batches, split, acc0 = None, None, None
+    batches, split, acc0, data_info = None, None, None, {}
     if data is not None:
         split = _eval_split(data)
         x, y = data.eval_tensors(split, device, limit=settings.eval_samples)
@@ -279,6 +302,7 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
 
         t1 = time.perf_counter()
         acc0 = evaluate(model, batches, device)["accuracy"]
+        data_info = _judged(model, data, split, acc0, settings.eval_samples, device, notes, reporter)
         scores = pruner.score()  # magnitude, the data-free criterion of Distiller's scans
         ratios = list(settings.ratios)
         with reporter.progress("pruning-sensitivity scan", len(names) * len(ratios)) as advance:
@@ -300,11 +324,12 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
         class_clusters = _class_clusters(model, x, data, split, clusters, data.eval_batch_size, seed)
         timings["clusters"] = time.perf_counter() - t1
 
-    result = {
-        "schema_version": SCHEMA_VERSION,
+    result = {  # the shape of kdcli.reports.analysis_model.AnalysisReport, checked before it is written
+        "$schema": SCHEMA_URI, "schema_version": SCHEMA_VERSION,
         "model": {"name": info.name, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
                   "macs": total_macs, "params": total_params, "pruned": bool(info.pruning_history)},
-        "data": None if data is None else {"description": data.description, "split": split, "samples": len(x)},
+        "data": None if data is None else {"description": data.description, "split": split, "samples": len(x),
+                                           **data_info},
         "settings": {"ratios": list(settings.ratios), "target_macs": target, "eval_samples": settings.eval_samples,
                      "critical_fraction": settings.critical_fraction, "seed": seed, "clusters": clusters},
         "layers": layers, "groups": groups, "notes": notes,
@@ -313,6 +338,5 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     if out_dir is not None:
-
         write_outputs(result, Path(out_dir), gmap)
     return result

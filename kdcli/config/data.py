@@ -122,6 +122,54 @@ class AugmentSpec(_Strict):
         return bool(self.crop_padding or self.hflip or self.jitter)
 
 
+class SplitFraction(_Strict):
+    """A seeded ``fraction`` of one of the source's own splits: ``train`` (data a teacher trained
+    elsewhere has usually seen) or ``test`` (the held-out split; the rest of it stays the test part,
+    disjoint from the validation part)."""
+
+    split: Literal["train", "test"]
+    fraction: float = Field(gt=0, lt=1)
+
+
+class OtherData(_Strict):
+    """Evaluation data from another source, of any kind: its ``split`` (``auto``: its test split
+    when it has one, else its training split)."""
+
+    source: SourceSpec
+    split: Literal["auto", "train", "test"] = "auto"
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _bare_kind(cls, v):
+        return {"kind": v} if isinstance(v, str) else v
+
+
+HELD_OUT_FRACTION = 0.5  # data.val auto, teacher from a checkpoint: half of the held-out split validates
+
+
+class InputAdapt(_Strict):
+    """``data.input``: make every source's inputs fit the model: ``size`` [H, W] reached by
+    ``fit`` (``resize``: bilinear; ``pad``: zero padding around the centre, then a centre crop when
+    the source is larger), and ``channels`` (1 -> C replicates the channel; 3 -> 1 takes the
+    luminance, ITU-R BT.601 weights)."""
+
+    size: tuple[int, int] | None = None
+    fit: Literal["resize", "pad"] = "resize"
+    channels: int | None = Field(None, ge=1, le=4096)
+
+    @field_validator("size")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and not all(1 <= s <= _MAX_SIDE for s in v):
+            raise ValueError(f"size must be two integers [H, W] in [1, {_MAX_SIDE}] (got {list(v)})")
+        return v
+
+    @property
+    def active(self) -> bool:
+        """True when the inputs are changed at all."""
+        return self.size is not None or self.channels is not None
+
+
 class DataSpec(_Strict):
     """The recipe's ``data:`` section."""
 
@@ -130,6 +178,13 @@ class DataSpec(_Strict):
                                json_schema_extra=lambda s: s.update(anyOf=[{"const": "digits"}, {
                                    k: s.pop(k) for k in list(s) if k in ("oneOf", "discriminator")}]))
     val_fraction: float = Field(0.1, ge=0, le=0.9)
+    # Which data validates (judges steps, the accuracy budget, the teacher's reference figure) and
+    # which is the test part reported at the end. ``auto``: a seeded val_fraction of the training
+    # split when kdcli trains the teacher; half of the held-out split when the teacher comes from a
+    # checkpoint (it has usually trained on all of the training split).
+    val: Union[Literal["auto", "test"], SplitFraction, OtherData] = "auto"
+    test: Union[Literal["test", "none"], OtherData] = "test"
+    input: InputAdapt = Field(default_factory=InputAdapt)
     normalize: Union[Literal["auto", "none"], NormalizeStats] = "auto"
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     batch_size: int = Field(128, ge=1, le=1 << 20)

@@ -131,6 +131,8 @@ class PruneSpec(Strict):
     importance: ImportanceName = "magnitude"
     steps: int = Field(4, ge=1, le=100)
     max_retries: int = Field(2, ge=0, le=10)
+    # after an undone step the schedule grows (smaller steps) up to max_steps (default 3 x steps)
+    max_steps: int | None = Field(None, ge=1, le=300)
     # a step may cost step_tolerance x target.max_accuracy_drop before later distillation recovers it
     step_tolerance: float = Field(2.0, ge=1, le=100)
     round_to: int | None = Field(None, ge=1, le=1024)
@@ -138,6 +140,17 @@ class PruneSpec(Strict):
     ratios_from: str | None = None  # analysis.json whose suggested ratios seed the first step
     score_batches: int = Field(4, ge=1, le=10_000)
     final_epochs: int = Field(0, ge=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _max_steps(self) -> "PruneSpec":
+        if self.max_steps is not None and self.max_steps < self.steps:
+            raise field_error("max_steps", f"must be at least steps ({self.steps}), got {self.max_steps}")
+        return self
+
+    @property
+    def step_limit(self) -> int:
+        """The most steps a schedule may grow to after undone steps."""
+        return self.max_steps if self.max_steps is not None else 3 * self.steps
 
 
 class TargetSpec(Strict):
@@ -207,14 +220,22 @@ class Recipe(Strict):
     @field_validator("data")
     @classmethod
     def _data(cls, v: DataSpec, info: ValidationInfo) -> DataSpec:
-        # Training and compression evaluate on the validation split: with none, they would stop
-        # at the first evaluation ("evaluation data is empty") after loading all the data.
-        if v.val_fraction == 0:
-            raise field_error("val_fraction", "must be > 0: training and compression evaluate on the "
-                                              "validation split held out of the training data (got 0)")
         if isinstance(v.source, PythonSource):
             _check_factory(v.source.factory, info, "source.factory")
+        for key in ("val", "test"):
+            other = getattr(v, key)
+            if isinstance(getattr(other, "source", None), PythonSource):
+                _check_factory(other.source.factory, info, f"{key}.source.factory")
         return v
+
+    @property
+    def teacher_trained_elsewhere(self) -> bool:
+        """True when the teacher (or the generalist of specialists) is read from a checkpoint:
+        it has usually trained on the whole training split, so ``data.val: auto`` validates on
+        held-out data instead (see :func:`kdcli.data.loader.resolve_val`)."""
+        t = self.teacher
+        return getattr(t, "checkpoint", None) is not None or \
+            getattr(getattr(t, "generalist", None), "checkpoint", None) is not None
 
     @field_validator("teacher")
     @classmethod
@@ -287,7 +308,7 @@ def _check_factory(spec: str, info: ValidationInfo, field: str) -> None:
     for ``field`` ``source.factory``, a data factory (no built-ins), without importing anything:
     validating a recipe runs no user code. A ``.py`` file must exist, relative to the recipe's
     folder (``base_dir`` in the validation context; without one the file is not looked for)."""
-    is_model = field != "source.factory"
+    is_model = not field.endswith("source.factory")
     if is_model and spec in BUILTIN:
         return
     if is_model and ":" not in spec:

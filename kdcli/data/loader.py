@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from kdcli.config.data import AugmentSpec, DataSpec, NormalizeStats
+from kdcli.config.data import HELD_OUT_FRACTION, AugmentSpec, DataSpec, NormalizeStats, OtherData, SplitFraction
+from kdcli.data.adapt import adapt_inputs
 from kdcli.data.sources import read_source
 from kdcli.data.tensors import TensorData
 from kdcli.errors import DataError
@@ -170,6 +171,24 @@ class DataBundle:
     scale: float = 1.0
     batch_size: int = 128
     eval_batch_size: int = 512
+    splits: dict[str, str] = field(default_factory=dict)  # split -> which data it is, in words
+    notes: list[str] = field(default_factory=list)        # warnings about the choice of splits
+    normalize_auto: bool = False                          # mean/std measured on the training split
+
+    def judged_by(self) -> str:
+        """One line: which data validates, which data is the test part, and the normalisation."""
+        parts = [f"validation: {self.splits.get('val', 'the val split')}"]
+        if self.test is not None:
+            parts.append(f"test: {self.splits.get('test', 'the test split')}")
+        return "; ".join(parts) + f"; normalisation: {self.normalization()}"
+
+    def normalization(self) -> str:
+        """mean/std in words, and where they came from."""
+        fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+        if all(m == 0 for m in self.mean) and all(s == 1 for s in self.std):
+            return "none"
+        how = "measured on the training split" if self.normalize_auto else "data.normalize"
+        return f"mean {fmt(self.mean)}, std {fmt(self.std)} ({how})"
 
     def split(self, name: str) -> TensorData:
         """The split called ``train``, ``val`` or ``test``."""
@@ -213,40 +232,132 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def load_data(spec: DataSpec, *, base_dir: Path, seed: int) -> DataBundle:
-    """Read the source of ``spec``, split off validation with ``seed``, apply the limits and compute
-    the normalisation. Relative paths resolve against ``base_dir`` (the recipe's folder)."""
-    train, test, names, what = read_source(spec.source_spec, Path(base_dir))
+def resolve_val(spec: DataSpec, held_out: bool):
+    """What ``data.val`` means for this run: ``"test"``, a :class:`SplitFraction` or an
+    :class:`OtherData`. ``auto`` takes half of the held-out split when ``held_out`` (the teacher
+    comes from a checkpoint, so it has usually trained on the whole training split), else
+    ``val_fraction`` of the training split; an explicit ``val_fraction`` is honoured (0: the test split)."""
+    if spec.val != "auto":
+        return spec.val
+    if "val_fraction" in spec.model_fields_set or not held_out:
+        if spec.val_fraction == 0:
+            return "test"
+        return SplitFraction(split="train", fraction=spec.val_fraction)
+    return SplitFraction(split="test", fraction=HELD_OUT_FRACTION)
+
+
+def load_data(spec: DataSpec, *, base_dir: Path, seed: int, held_out: bool = False) -> DataBundle:
+    """Read the source of ``spec``, adapt its inputs (``data.input``), choose the validation and
+    test data (``data.val``/``data.test``, see :func:`resolve_val`; ``held_out``: the model to be
+    judged was trained elsewhere), apply the limits and compute the normalisation. Relative paths
+    resolve against ``base_dir`` (the recipe's folder). ``DataBundle.splits`` says which data each
+    split is, in words."""
+    base_dir = Path(base_dir)
+    train, test, names, what = _read(spec.source_spec, base_dir, spec, "data.source")
+    if test is not None and len(test) == 0:
+        test = None
     num_classes = _check_labels(train, test, names, what)
     if not names:
         names = [str(i) for i in range(num_classes)]
     if spec.augment.active and train.x.dim() != 4:
         raise DataError(f"data.augment: needs image data [N, C, H, W], but {what} has shape {list(train.x.shape)}")
+    notes: list[str] = []
+    val_spec = resolve_val(spec, held_out)
+    if spec.val == "auto" and held_out and test is None and isinstance(val_spec, SplitFraction) \
+            and val_spec.split == "test":
+        val_spec = SplitFraction(split="train", fraction=spec.val_fraction or 0.1)
+        notes.append(f"data.val: {what} has no held-out split, so validation is {val_spec.fraction:g} of the training "
+                     "split, which a teacher trained elsewhere may have memorised; name other data in data.val")
+    g = torch.Generator().manual_seed(seed)
+    n_test = len(test) if test is not None else 0
+    splits = {"train": f"the training split of {what}"}
+    held = test  # the held-out split, before validation takes its part
+    if val_spec == "test" and test is None and spec.val == "auto":
+        val = train.subset(torch.arange(0))  # val_fraction 0 and no test split: no validation data
+        splits["val"] = "none (data.val_fraction is 0 and the source has no test split)"
+    elif val_spec == "test":
+        val = _need(test, "data.val", what)
+        splits["val"] = f"the test split of {what} (the same data as the test part)"
+    elif isinstance(val_spec, SplitFraction):
+        part = train if val_spec.split == "train" else _need(test, "data.val", what)
+        n = len(part)
+        n_val = max(1, round(n * val_spec.fraction))
+        if n - n_val < 1:
+            key = "data.val_fraction" if spec.val == "auto" else "data.val.fraction"
+            raise DataError(f"{key}: {what} has {n} {val_spec.split} samples; fraction {val_spec.fraction:g} "
+                            f"leaves none for {'training' if val_spec.split == 'train' else 'the test part'}")
+        perm = torch.randperm(n, generator=g)
+        val_idx, rest_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+        val = part.subset(val_idx)
+        splits["val"] = f"{n_val:,} of the {n:,} {val_spec.split} samples of {what} (seed {seed})"
+        if val_spec.split == "train":
+            train = part.subset(rest_idx)
+            splits["train"] = f"the other {len(rest_idx):,} training samples of {what}"
+        else:
+            held = part.subset(rest_idx)
+    else:
+        val, vwhat = _other(val_spec, base_dir, spec, "data.val", num_classes)
+        splits["val"] = vwhat
+    if spec.test == "none":
+        test = None
+    elif spec.test == "test":
+        test = held
+        if test is not None:
+            splits["test"] = (f"the other {len(test):,} test samples of {what} (disjoint from validation)"
+                              if held is not None and len(held) < n_test else f"the test split of {what}")
+    else:
+        test, splits["test"] = _other(spec.test, base_dir, spec, "data.test", num_classes)
     if test is not None and len(test) == 0:
         test = None
-    for split, part in (("training", train), ("test", test)):
-        _check_finite_inputs(part, split, what)
-    n = len(train)
-    n_val = max(1, round(n * spec.val_fraction)) if spec.val_fraction > 0 else 0
-    if n - n_val < 1:
-        raise DataError(f"data.val_fraction: {what} has {n} training samples; val_fraction {spec.val_fraction} "
-                        "leaves none for training")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
     if spec.limit_train is not None:
-        train_idx = train_idx[: spec.limit_train]
+        train = train.subset(torch.arange(min(spec.limit_train, len(train))))
     if spec.limit_eval is not None:
-        val_idx = val_idx[: spec.limit_eval]
+        val = val.subset(torch.arange(min(spec.limit_eval, len(val))))
         if test is not None:
             test = test.subset(torch.arange(min(spec.limit_eval, len(test))))
-    train, val = train.subset(train_idx), train.subset(val_idx)
     scale = 1 / 255 if train.x.dtype == torch.uint8 else 1.0
     mean, std = _normalization(spec.normalize, train, scale, what)
     input_shape = tuple(int(s) for s in train.x.shape[1:])
+    for split, part in (("val", val), ("test", test)):
+        if part is not None and tuple(part.x.shape[1:]) != input_shape:
+            raise DataError(f"data.{split}: its inputs are {list(part.x.shape[1:])} but the training inputs are "
+                            f"{list(input_shape)}; give data.input (size, channels) to make them match")
     desc = (f"{what}: {len(train)} train, {len(val)} val, "
             f"{'no' if test is None else len(test)} test, {'x'.join(map(str, input_shape))}, {num_classes} classes")
+    splits = {k: v for k, v in splits.items() if k != "test" or test is not None}
     return DataBundle(train, val, test, num_classes, input_shape, mean, std, list(names), desc,
-                      spec.augment, scale, spec.batch_size, spec.eval_batch_size)
+                      spec.augment, scale, spec.batch_size, spec.eval_batch_size, splits=splits, notes=notes,
+                      normalize_auto=spec.normalize == "auto")
+
+
+def _read(source, base_dir: Path, spec: DataSpec, key: str):
+    train, test, names, what = read_source(source, base_dir)
+    for split, part in (("training", train), ("test", test)):
+        _check_finite_inputs(part, split, what)
+    train = adapt_inputs(train, spec.input, what)
+    test = adapt_inputs(test, spec.input, what)
+    return train, test, names, what
+
+
+def _need(test: TensorData | None, key: str, what: str) -> TensorData:
+    if test is None:
+        raise DataError(f"{key}: {what} has no test split to validate on; give a fraction of the training split "
+                        "({split: train, fraction: 0.1}) or another source ({source: ...})")
+    return test
+
+
+def _other(other: OtherData, base_dir: Path, spec: DataSpec, key: str, num_classes: int) -> tuple[TensorData, str]:
+    """The split of another source that ``data.val``/``data.test`` names, with its description."""
+    train, test, _, what = _read(other.source, base_dir, spec, f"{key}.source")
+    split = other.split if other.split != "auto" else ("test" if test is not None and len(test) else "train")
+    part = train if split == "train" else test
+    if part is None or len(part) == 0:
+        raise DataError(f"{key}.split: {what} has no {split} split")
+    lo, hi = int(part.y.min()), int(part.y.max())
+    if lo < 0 or hi >= num_classes:
+        raise DataError(f"{key}: {what} has label {lo if lo < 0 else hi}, but the training data has "
+                        f"{num_classes} classes [0, {num_classes - 1}]")
+    return part, f"the {split} split of {what} ({len(part):,} samples)"
 
 
 def _check_finite_inputs(data: TensorData | None, split: str, what: str) -> None:
@@ -300,3 +411,17 @@ def _normalization(norm, train: TensorData, scale: float, what: str) -> tuple[li
     std = (s2 / max(count, 1) - mean * mean).clamp_min(0).sqrt()
     std = torch.where(std < 1e-6, torch.ones_like(std), std)  # constant channels: leave unscaled
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+MEMORISED_GAP = 0.03  # validation more than 3 points above the held-out test part looks memorised
+
+
+def memorised_warning(val_accuracy: float, test_accuracy: float | None, data: DataBundle, who: str = "the teacher") -> str | None:
+    """A one-line warning when ``who`` scores more than :data:`MEMORISED_GAP` higher on the
+    validation data than on the held-out test part: the validation split is probably data it
+    trained on, so steps judged on it (and the accuracy budget) would be judged too kindly."""
+    if test_accuracy is None or not (val_accuracy - test_accuracy > MEMORISED_GAP):
+        return None
+    return (f"data.val: {who} scores {100 * val_accuracy:.1f}% on validation ({data.splits.get('val', 'val')}) but "
+            f"{100 * test_accuracy:.1f}% on the test part: the validation data looks memorised; validate on "
+            "held-out data with data.val: {split: test, fraction: 0.5}")

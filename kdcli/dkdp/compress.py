@@ -28,6 +28,7 @@ resuming are :mod:`kdcli.dkdp.run`; a resumed run ends byte for byte as an unint
 from __future__ import annotations
 
 import copy
+import math
 import json
 import tempfile
 import time
@@ -41,7 +42,7 @@ from kdcli.config.importance import NEEDS_DATA
 from kdcli.config.losses import CE, KD
 from kdcli.config.recipe import Recipe
 from kdcli.console import Reporter
-from kdcli.data.loader import DataBundle, load_data
+from kdcli.data.loader import memorised_warning, DataBundle, load_data
 from kdcli.distill.distil import distil
 from kdcli.dkdp.run import RunDir, RunLock, StepRecord, resume_recipe, start_run
 from kdcli.dkdp.target import Target
@@ -66,11 +67,12 @@ class CompressResult:
     gate_failures: list
     export: dict | None = None
     vid_lambda: dict | None = None  # the chosen student's λ (Distiller.lambda_report), with a VID term
+    data: dict | None = None  # which data judged what: splits, normalization, warnings
 
     def to_json(self) -> dict:
         return {"run_dir": str(self.run_dir), "teacher": self.teacher, "student": self.student,
                 "steps": self.steps, "target_met": self.target_met, "gate_failures": self.gate_failures,
-                "export": self.export, "vid_lambda": self.vid_lambda}
+                "export": self.export, "vid_lambda": self.vid_lambda, "data": self.data}
 
 
 def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: Reporter | None = None,
@@ -105,11 +107,20 @@ class Context:
     target: Target
     granularity: object | None
     prune: bool  # whether steps prune at all (a declared student may be distilled only)
+    warnings: list = field(default_factory=list)  # about the choice of data (shown in the reports)
 
     @classmethod
     def open(cls, recipe: Recipe, run_dir: Path, device: torch.device, reporter: Reporter, trust: bool) -> "Context":
         rd = RunDir(run_dir)
-        data = load_data(recipe.data, base_dir=recipe.base_dir, seed=recipe.seed)
+        data = load_data(recipe.data, base_dir=recipe.base_dir, seed=recipe.seed,
+                         held_out=recipe.teacher_trained_elsewhere)
+        if len(data.val) == 0:
+            raise InputError("data.val: no validation data (data.val_fraction 0 and no test split); compression "
+                             "judges every step on it: give data.val (a fraction of a split, or another source)")
+        reporter.info(f"data: {data.judged_by()}")
+        warnings = list(data.notes)
+        for note in data.notes:
+            reporter.warn(note)
         example = torch.zeros(1, *data.input_shape, device=device)
         val = tensor_batches(*data.eval_tensors("val", device))
         test = tensor_batches(*data.eval_tensors("test", device)) if data.test is not None else None
@@ -121,10 +132,14 @@ class Context:
                    "val_accuracy": t_val}
         if test is not None:
             summary["test_accuracy"] = evaluate(teacher, test, device)["accuracy"]
+        warning = memorised_warning(t_val, summary.get("test_accuracy"), data)
+        if warning:
+            reporter.warn(warning)
+            warnings.append(warning)
         reporter.info(f"teacher {tinfo.name}: {t_params:,} params, {t_macs:,} MACs, val {100 * t_val:.2f}%")
         target = Target.of(recipe.target, t_macs, t_params, t_val)
         return cls(recipe, rd, data, device, reporter, example, val, test, teacher, tinfo, summary, target,
-                   _granularity(recipe), bool(recipe.student.prune and target.asks_resources))
+                   _granularity(recipe), bool(recipe.student.prune and target.asks_resources), warnings)
 
     def load(self, name: str) -> tuple[nn.Module, ModelInfo]:
         """A model file of the run directory (a step's student or teacher), on the device."""
@@ -183,7 +198,13 @@ class Loop:
 
     @property
     def max_attempts(self) -> int:
-        return self.ctx.recipe.prune.steps + self.ctx.recipe.prune.max_retries
+        return self.ctx.recipe.prune.step_limit + self.ctx.recipe.prune.max_retries
+
+    @property
+    def last_step(self) -> bool:
+        """The next kept step is the last the schedule may take (``prune.max_steps``)."""
+        return self.state.accepted_steps + 1 >= self.ctx.recipe.prune.step_limit or \
+            self.state.attempts >= self.max_attempts
 
     # --- the steps ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -197,15 +218,29 @@ class Loop:
                 break
             self.judge(self.attempt(macs, params))
 
+    def min_ratio(self) -> float | None:
+        """The smallest MACs after/before a step may reach, once a step was undone: no step is then
+        larger than the largest that held (half the undone cut, on a log scale, while none held), so
+        retries and the last step do not collapse into one large cut. None: no limit."""
+        state = self.state
+        if not state.undone:
+            return None
+        if state.held_ratio is not None:
+            return state.held_ratio
+        return math.sqrt(state.failed_ratio) if state.failed_ratio is not None else None
+
     def aim(self, macs: int) -> float:
-        """The MACs the next attempt aims at. The last attempt goes to the target whatever the
-        aggressiveness: a student short of the resource target fails the gate at any accuracy,
-        one at the target may still win its accuracy back in the final distillation."""
+        """The MACs the next attempt aims at: the geometric path to the target at the current
+        aggressiveness (:meth:`Target.next_macs`), no larger a cut than :meth:`min_ratio` allows,
+        except for the last step the schedule may take, which goes to the target (a student short
+        of the resource target fails the gate at any accuracy)."""
         target = self.ctx.target
-        if self.state.attempts == self.max_attempts and target.macs is not None:
-            return target.macs
         steps_left = max(self.ctx.recipe.prune.steps - self.state.accepted_steps, 1)
-        return target.next_macs(macs, steps_left, self.state.aggressiveness)
+        aim = target.next_macs(macs, steps_left, self.state.aggressiveness)
+        if self.last_step and target.macs is not None:
+            return target.macs
+        floor = self.min_ratio()
+        return aim if floor is None else max(aim, macs * floor)
 
     def attempt(self, macs: int, params: int) -> Attempt:
         """Prune toward the aim, distil, evaluate; the student is left pruned (``judge`` decides)."""
@@ -213,7 +248,7 @@ class Loop:
         state.attempts += 1  # counted before aiming: the attempt number seeds it and marks the last
         a = Attempt(k=state.accepted_steps + 1, aim=self.aim(macs), before=copy.deepcopy(self.student),
                     macs=macs, params=params)
-        last = state.attempts == self.max_attempts
+        last = self.last_step
         torch.manual_seed(ctx.recipe.seed + 1000 * state.attempts)
         a.tau, a.history = _prune_step(ctx.recipe, self.student, ctx.example, ctx.data, ctx.device, a.aim, a.k,
                                        ctx.reporter, None if last else state.failed_macs)
@@ -248,21 +283,35 @@ class Loop:
         # Right after its short distillation a step may cost up to step_tolerance x the budget:
         # later steps and the final distillation win part of it back; the result must meet it.
         allowed = ctx.recipe.prune.step_tolerance * budget
-        t_acc = None  # the teaching teacher's accuracy, when it is fine-tuned after this step
-        if drop > allowed and state.attempts < self.max_attempts and state.aggressiveness > 1 / 16:
+        t_acc = forced = None  # the teaching teacher's accuracy, when it is fine-tuned after this step
+        ratio = a.new_macs / max(a.macs, 1)
+        floor = self.min_ratio()
+        if floor is not None and a.aim < a.macs * floor * (1 - 1e-9):  # only the last step aims past the floor
+            forced = (f"the target forced a cut to {ratio:.3f} of the MACs, over the largest step that held "
+                      f"({floor:.3f}): the last step the schedule may take (prune.max_steps "
+                      f"{ctx.recipe.prune.step_limit}) aims at the target")
+        if (drop > allowed and state.undone < ctx.recipe.prune.max_retries and not self.last_step
+                and state.aggressiveness > 1 / 16):
             state.aggressiveness /= 2
-            state.failed_macs = a.new_macs
+            state.undone += 1
+            state.failed_macs, state.failed_ratio = a.new_macs, ratio
             accepted, reason = False, (f"accuracy drop {100 * drop:.2f} pt > {100 * allowed:.2f} pt a step may leave: "
-                                       f"undone, aggressiveness halved to {state.aggressiveness:.3g}")
-            self.student = a.before
+                                       f"undone, aggressiveness halved to {state.aggressiveness:.3g}; later steps cut "
+                                       f"no more than the largest that held")
+            self.student, forced = a.before, None
         else:
             accepted = True
             state.failed_macs = None
+            if drop <= allowed and forced is None:
+                state.held_ratio = ratio if state.held_ratio is None else min(state.held_ratio, ratio)
             if drop <= budget / 2:
                 state.aggressiveness = min(2.0, state.aggressiveness * 1.5)
                 reason = f"accuracy held (drop {100 * drop:.2f} pt): aggressiveness raised to {state.aggressiveness:.3g}"
             elif drop > allowed:
                 reason = f"drop {100 * drop:.2f} pt over what a step may cost, no retries left: kept"
+                forced = forced or (f"the target forced a step over the accuracy budget: drop {100 * drop:.2f} pt > "
+                                    f"{100 * allowed:.2f} pt a step may leave, with no retries left "
+                                    f"(prune.max_retries {ctx.recipe.prune.max_retries})")
             else:
                 reason = (f"drop {100 * drop:.2f} pt within the {100 * allowed:.2f} pt a step may leave: aggressiveness "
                           f"kept at {state.aggressiveness:.3g}")
@@ -271,7 +320,9 @@ class Loop:
         self._record(StepRecord(a.k, state.attempts, a.tau, state.aggressiveness, a.aim, a.new_macs, a.new_params,
                                 a.new_macs / ctx.target.teacher_macs, a.new_params / ctx.target.teacher_params,
                                 a.accuracy, drop, accepted, reason, time.perf_counter() - a.started, a.latency,
-                                a.train_history, t_acc))
+                                a.train_history, t_acc, forced))
+        if forced:
+            ctx.reporter.warn(f"step {a.k}: {forced}")
 
     def _keep(self, a: Attempt, drop: float) -> float | None:
         """A kept step: saved as ``steps/step_NNN.kdc``, the best so far if it meets the target
@@ -324,7 +375,9 @@ class Loop:
         ctx.save("student.kdc", student, sinfo, summary)
         failures = t.failures(s_macs, s_params, ctx.latency_ms(student), s_val)
         result = CompressResult(ctx.rd.path, ctx.teacher_summary, summary, state.records, not failures, failures,
-                                vid_lambda=state.vid_lambda.get(chosen))
+                                vid_lambda=state.vid_lambda.get(chosen),
+                                data={"splits": ctx.data.splits, "normalization": ctx.data.normalization(),
+                                      "warnings": ctx.warnings})
         if do_export:
             result.export, gate_failures = _export(ctx, student, sinfo)
             result.gate_failures = failures + gate_failures

@@ -41,6 +41,7 @@ class StepRecord:
     latency_ms: float | None = None
     train_history: list = field(default_factory=list)
     teacher_val_accuracy: float | None = None  # the teaching teacher after distill.train_teacher
+    forced: str | None = None  # why the target forced this step past the accuracy budget or the largest held cut
 
 
 @dataclass
@@ -60,6 +61,9 @@ class State:
     failed_macs: int | None = None  # MACs the last undone attempt cut to: its retry must cut less
     vid_lambda: dict = field(default_factory=dict)  # student file -> λ of the distillation that made it
     teacher_file: str | None = None  # the teaching teacher, when distill.train_teacher fine-tunes it
+    undone: int = 0  # attempts undone so far (at most prune.max_retries)
+    held_ratio: float | None = None  # the largest cut that held: the smallest MACs after/before of a kept step
+    failed_ratio: float | None = None  # the MACs after/before of the last undone attempt
 
 
 class RunDir:

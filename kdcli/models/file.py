@@ -443,12 +443,25 @@ def recipe_models(recipe: Recipe) -> list[str]:
     return [absolute_spec(s, recipe.base_dir) for s in specs if isinstance(s, str)]
 
 
+def _input_hint(have, want) -> str:
+    """Which ``data.input`` key makes image inputs ``have`` (C, H, W) fit ``want``."""
+    if len(have) != 3 or len(want) != 3:
+        return ""
+    keys = []
+    have, want = tuple(have), tuple(want)
+    if have[1:] != want[1:]:
+        keys.append(f"size: [{want[1]}, {want[2]}]" + (", fit: pad" if all(h <= w for h, w in zip(have[1:], want[1:])) else ""))
+    if have[0] != want[0]:
+        keys.append(f"channels: {want[0]}")
+    return f"; set data.input: {{{', '.join(keys)}}}"
+
+
 def check_model_fits(model: nn.Module, info, data, example: torch.Tensor) -> None:
     """The model, its declared input shape and the data agree (shape, classes, a forward pass that
     gives ``[N, num_classes]`` logits); one-line DataError / ModelError otherwise, before training."""
     if data is not None and tuple(data.input_shape) != tuple(info.input_shape):
         raise DataError(f"data ({data.description}): inputs of shape {list(data.input_shape)}, but model "
-                        f"{info.name} expects {list(info.input_shape)}")
+                        f"{info.name} expects {list(info.input_shape)}{_input_hint(data.input_shape, info.input_shape)}")
     if data is not None and data.num_classes != info.num_classes:
         raise DataError(f"data ({data.description}): {data.num_classes} classes, but model {info.name} "
                         f"has {info.num_classes} outputs")

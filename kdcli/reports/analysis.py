@@ -1,6 +1,6 @@
 """The outputs of ``kdcli analyze``: ``analysis.json``, ``sensitivity.csv``, ``granularity.json``,
 the terminal tables and the self-contained ``report.html`` (see :mod:`kdcli.analyze.analysis` for the
-figures and the JSON schema)."""
+figures, :mod:`kdcli.reports.analysis_model` for the typed model of ``analysis.json``)."""
 
 from __future__ import annotations
 
@@ -30,19 +30,25 @@ def sensitivity_csv(result: dict) -> str:
 
 def write_outputs(result: dict, out_dir: Path, granularity=None) -> list[Path]:
     """Write analysis.json and report.html, plus sensitivity.csv and granularity.json when the
-    analysis had data; all atomically. Returns the paths written (also in ``result["files"]``)."""
+    analysis had data; all atomically. Returns the paths written (also in ``result["files"]``).
+
+    The result is first validated through :class:`kdcli.reports.analysis_model.AnalysisReport`
+    (ReportShapeError naming the field, and nothing written, when it does not match)."""
     from kdcli.files import atomic_write_json, atomic_write_text
+    from kdcli.reports.analysis_model import check_analysis
 
     out_dir = Path(out_dir)
+    scan = result.get("pruning_sensitivity") is not None
     files = [out_dir / "analysis.json", out_dir / "report.html"]
-    if result.get("pruning_sensitivity") is not None:
+    files += [out_dir / "sensitivity.csv"] if scan else []
+    files += [out_dir / "granularity.json"] if granularity is not None else []
+    result["files"] = [p.name for p in files]
+    report = check_analysis(result)
+    if scan:
         atomic_write_text(out_dir / "sensitivity.csv", sensitivity_csv(result))
-        files.append(out_dir / "sensitivity.csv")
     if granularity is not None:
         granularity.save(out_dir / "granularity.json")
-        files.append(out_dir / "granularity.json")
-    result["files"] = [p.name for p in files]
-    atomic_write_json(out_dir / "analysis.json", result)
+    atomic_write_json(out_dir / "analysis.json", report.to_json())
     atomic_write_text(out_dir / "report.html", report_html(result))
     return files
 
@@ -60,8 +66,13 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         rows.append(("data", "none: static figures only (give --data or --recipe for the rest)"))
         return rows
     scan = result["pruning_sensitivity"]
-    rows += [("data", f"{d['samples']} {d['split']} samples of {d['description']}"),
-             ("top-1 (baseline)", pct(scan["baseline_accuracy"]))]
+    rows += [("data", f"{d['samples']} {d['split']} samples of {d['description']}")]
+    if d.get("which"):
+        rows.append(("judged on", d["which"]))
+    if d.get("normalization"):
+        rows.append(("normalisation", d["normalization"]))
+    rows.append(("top-1 (baseline)", pct(scan["baseline_accuracy"])
+                 + (f"; test part {pct(d['test_accuracy'])}" if d.get("test_accuracy") is not None else "")))
     act, red = result["activation_sensitivity"] or {}, result["redundancy"] or {}
     if act:
         n_crit, n_all = sum(a["critical_count"] for a in act.values()), sum(len(a["critical"]) for a in act.values())

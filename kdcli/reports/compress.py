@@ -1,7 +1,7 @@
 """The report of a ``kdcli compress`` run: JSON, Markdown and HTML from one data model.
 
-``compress_report.json`` is the :class:`kdcli.dkdp.compress.CompressResult` as JSON (plus the schema
-version); the Markdown and HTML renderings show the teacher against the student and every DKDP
+``compress_report.json`` is the :class:`kdcli.dkdp.compress.CompressResult` as JSON after ``$schema``
+and ``schema_version`` (its typed model: :class:`kdcli.reports.compress_model.CompressReport`); the Markdown and HTML renderings show the teacher against the student and every DKDP
 step (τ, MACs, accuracy, the reason τ moved), with a chart of accuracy against MACs and, when
 the recipe has a VID term, its layer weights λ as a heatmap.
 """
@@ -12,9 +12,11 @@ import html
 from pathlib import Path
 
 from kdcli.files import atomic_write_json, atomic_write_text
+from kdcli.reports.compress_model import SCHEMA_URI, SCHEMA_VERSION, check_compress_report
 from kdcli.reports.format import binary_size, integer, ms, pct, ratio
 
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA_URI", "SCHEMA_VERSION", "render_html", "render_markdown", "summary_rows", "summary_table",
+           "write_compress_report"]
 
 
 def _export_side(result, role: str) -> dict:
@@ -55,6 +57,18 @@ def summary_rows(result) -> list[tuple[str, str, str]]:
     return rows
 
 
+def data_lines(result) -> list[str]:
+    """Which data judged what, the normalisation, and the warnings about them (one line each)."""
+    d = getattr(result, "data", None) or {}
+    lines = [f"{name}: {d['splits'][name]}" for name in ("val", "test", "train") if name in d.get("splits", {})]
+    if d.get("normalization"):
+        lines.append(f"normalisation: {d['normalization']}")
+    lines += [f"warning: {w}" for w in d.get("warnings", [])]
+    forced = [r for r in result.steps if r.get("forced")]
+    lines += [f"warning: step {r['step']}: {r['forced']}" for r in forced]
+    return lines
+
+
 def summary_table(result):
     """A rich Table of teacher against student, then the verdict."""
     from rich.table import Table
@@ -79,7 +93,8 @@ def _steps_rows(result) -> list[list[str]]:
                      f"{r['macs_ratio']:.3f}", integer(r["params"]),
                      pct(r["val_accuracy"]) if r["val_accuracy"] == r["val_accuracy"] else "–",  # NaN: diverged
                      f"{100 * r['accuracy_drop']:.2f}" if r["accuracy_drop"] == r["accuracy_drop"] else "–",
-                     "yes" if r["accepted"] else "no", r["reason"]])
+                     ("yes (forced)" if r.get("forced") else "yes") if r["accepted"] else "no",
+                     r["reason"] + (f" — {r['forced']}" if r.get("forced") else "")])
     return rows
 
 
@@ -93,6 +108,8 @@ def render_markdown(result) -> str:
            + ("" if not result.gate_failures else ": " + "; ".join(result.gate_failures)), "",
            "| | teacher | student |", "|---|---:|---:|"]
     out += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(result)]
+    if data_lines(result):
+        out += ["", "## Data", ""] + [f"- {line}" for line in data_lines(result)]
     if result.steps:
         out += ["", "## DKDP steps", "", "| " + " | ".join(_STEP_HEADERS) + " |",
                 "|" + "---|" * len(_STEP_HEADERS)]
@@ -135,6 +152,8 @@ def render_html(result) -> str:
         "Not met: " + "; ".join(result.gate_failures)
     body = [f"<p><strong>{html.escape(verdict)}</strong></p>",
             html_table(["", "teacher", "student"], [list(r) for r in summary_rows(result)]), chart]
+    if data_lines(result):
+        body += ["<h2>Data</h2>", "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in data_lines(result)) + "</ul>"]
     if result.steps:
         body += ["<h2>DKDP steps</h2>", html_table(_STEP_HEADERS, _steps_rows(result))]
     lam = result.vid_lambda
@@ -148,8 +167,11 @@ def render_html(result) -> str:
 
 
 def write_compress_report(result, run_dir: Path) -> None:
-    """Write ``compress_report.json``, ``.md`` and ``.html`` into ``run_dir`` atomically."""
+    """Write ``compress_report.json``, ``.md`` and ``.html`` into ``run_dir`` atomically; the JSON
+    is validated through :class:`kdcli.reports.compress_model.CompressReport` first
+    (ReportShapeError naming the field, and nothing written, when it does not match)."""
     run_dir = Path(run_dir)
-    atomic_write_json(run_dir / "compress_report.json", {"schema_version": SCHEMA_VERSION, **result.to_json()})
+    report = check_compress_report({"$schema": SCHEMA_URI, "schema_version": SCHEMA_VERSION, **result.to_json()})
+    atomic_write_json(run_dir / "compress_report.json", report.to_json())
     atomic_write_text(run_dir / "compress_report.md", render_markdown(result))
     atomic_write_text(run_dir / "compress_report.html", render_html(result))
