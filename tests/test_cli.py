@@ -135,3 +135,17 @@ def test_export_of_a_garbage_checkpoint_is_one_line(tmp_path):
     res = invoke("export", bad, "--model", "mlp", "--out", tmp_path / "e")
     assert res.exit_code == 2 and "--input-shape" in res.output
     assert not (tmp_path / "e" / "student.onnx").exists()
+
+
+@pytest.mark.parametrize("name, schema_id", [("recipe", "urn:kdcli:schema:recipe:"),
+                                             ("analysis", "urn:kdcli:schema:analysis:1"),
+                                             ("compress-report", "urn:kdcli:schema:compress-report:1"),
+                                             ("export-report", "urn:kdcli:schema:export-report:1")])
+def test_schema_prints_each_json_schema_with_its_id(name, schema_id):
+    res = invoke("schema", name)
+    assert res.exit_code == 0 and json.loads(res.output)["$id"].startswith(schema_id)
+
+
+def test_schema_of_an_unknown_name_is_exit_2_naming_it():
+    res = runner.invoke(app, ["schema", "reprot"])
+    assert res.exit_code == 2 and "NAME 'reprot'" in res.output and "compress-report" in res.output

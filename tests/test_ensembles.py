@@ -17,7 +17,8 @@ from kdcli.ensembles.combine import combine_distributions, combine_gradient, com
 from kdcli.ensembles.diversified import AveragedEnsemble, diversification_term, layer_term
 from kdcli.ensembles.diversity import disagreement_rate, linear_cka
 from kdcli.ensembles.specialists import (SpecialistEnsemble, SpecialistTransferLoader, apply_dustbin_correction,
-                                         dustbin_correction, specialist_from)
+                                         dustbin_correction, specialist_from, specialist_soft_loss,
+                                         specialist_soft_targets, train_specialist)
 from kdcli.errors import InputError
 from kdcli.analyze.granularity import GranularityMap, LayerGranularity
 
@@ -102,6 +103,77 @@ def test_specialist_head_starts_from_generalist():
     # dustbin = mean of the other logits + log 3 (the log-sum-exp when they are equal)
     assert torch.allclose(zs[:, 2], zg[:, [0, 2, 3]].mean(1) + math.log(3), atol=1e-5)
     assert g[2].out_features == 5   # the generalist is untouched
+
+
+# ----------------------------------------------------------------------------- soft targets (§6.1)
+
+
+def test_specialist_soft_targets_by_hand():
+    # K = 4, subset [2, 0]: the generalist's softmax restricted to classes 2 and 0, the dustbin
+    # holding p_1 + p_3, then softened at T: q_T ∝ q^(1/T).
+    z = [1.0, 0.0, 2.0, -1.0]
+    e = [math.exp(v) for v in z]
+    p = [v / sum(e) for v in e]
+    q = [p[2], p[0], p[1] + p[3]]
+    for T in (1.0, 2.0):
+        qt = [v ** (1 / T) for v in q]
+        qt = [v / sum(qt) for v in qt]
+        got = specialist_soft_targets(torch.tensor([z]), [2, 0], T).exp()[0]
+        assert got.tolist() == pytest.approx(qt, rel=1e-5)
+    # a dustbin shift of log 1/4 at T = 2: the dustbin's probability times 1/4 before softening
+    shifted = [q[0], q[1], q[2] / 4]
+    shifted = [v / sum(shifted) for v in shifted]
+    qt = [v ** 0.5 for v in shifted]
+    qt = [v / sum(qt) for v in qt]
+    got = specialist_soft_targets(torch.tensor([z]), [2, 0], 2.0, dustbin_shift=math.log(0.25)).exp()[0]
+    assert got.tolist() == pytest.approx(qt, rel=1e-5)
+
+
+def test_specialist_soft_loss_by_hand():
+    # T²·KL(q_g ‖ softmax(z_s/T)), batch mean; the second sample matches its target exactly (KL 0)
+    T = 2.0
+    zg = torch.tensor([[1.0, 0.0, 2.0, -1.0], [0.5, 0.5, 0.5, 0.5]])
+    target = specialist_soft_targets(zg, [2, 0], T)
+    qg = target.exp().tolist()
+    zs = [0.3, -0.2, 0.1]
+    es = [math.exp(v / T) for v in zs]
+    qs = [v / sum(es) for v in es]
+    kl = sum(qg[0][k] * math.log(qg[0][k] / qs[k]) for k in range(3))
+    exact = target[1] * T           # logits whose softmax at T is the second target
+    got = specialist_soft_loss(torch.stack([torch.tensor(zs), exact]), target, T).item()
+    assert got == pytest.approx(T * T * kl / 2, rel=1e-5)
+
+
+def test_soft_targets_change_the_specialist_and_weight_zero_is_plain_cross_entropy():
+    from kdcli.models import build_model
+
+    data = blobs(n_per_class=(40,) * 5, dim=6)
+    torch.manual_seed(0)
+    g = build_model("mlp", {"hidden": [16]}, input_shape=data.input_shape, num_classes=5)
+    from kdcli.train.loop import fit
+    fit(g, data.loader("train", train=True), _fast(epochs=2))
+    g.eval()
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    cpu = torch.device("cpu")
+
+    def run(weight, temperature=2.0):
+        model, info = train_specialist(g, [1, 3], data, _fast(epochs=2), device=cpu, seed=3,
+                                       soft_target_weight=weight, soft_target_temperature=temperature)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), info
+
+    plain, info0 = run(0.0)
+    again, _ = run(0.0)
+    soft, info1 = run(1.0)
+    assert torch.equal(plain, again)                    # deterministic for a seed
+    assert not torch.allclose(plain, soft, atol=1e-4)   # the soft-target term changes the specialist
+    assert info0["soft_target_weight"] == 0.0 and info1["soft_target_weight"] == 1.0
+    assert info1["correction"] == info0["correction"]   # the same transfer set and dustbin correction
+    assert not g.training and all(torch.equal(before[k], v) for k, v in g.state_dict().items())
+    # the default is on (Hinton et al. 2015, §6.1)
+    from kdcli.config.ensembles import SpecialistsSpec
+
+    spec = SpecialistsSpec.model_validate({"ensemble": "specialists", "generalist": "g.kdc"})
+    assert spec.soft_target_weight > 0 and spec.soft_target_temperature > 0
 
 
 # ----------------------------------------------------------------------------- KL combination
@@ -302,6 +374,10 @@ def test_spec_validation():
     s = SpecialistsSpec.model_validate({"ensemble": "specialists", "generalist": "runs/teacher.kdc",
                                         "num_specialists": 3, "subset_size": 2, "train": {"epochs": 2}})
     assert s.generalist.checkpoint == "runs/teacher.kdc" and s.train.epochs == 2 and s.top_n == 1
+    assert s.soft_target_weight == 1.0 and s.soft_target_temperature == 2.0
+    for bad in ({"soft_target_weight": -1}, {"soft_target_temperature": 0}):
+        with pytest.raises(ValueError):
+            SpecialistsSpec.model_validate({"ensemble": "specialists", "generalist": "g.kdc", **bad})
     with pytest.raises(ValueError, match="extra"):
         SpecialistsSpec.model_validate({"ensemble": "specialists", "generalist": "g.kdc", "specialists": 3})
     with pytest.raises(ValueError, match="model .to train"):

@@ -126,32 +126,130 @@ def test_per_channel_loss_shape():
 
 
 def test_ab_loss_by_hand():
+    # Heo et al. 2019, eq. 5: rho(T)*relu(m - r)^2 + (1 - rho(T))*relu(m + r)^2, summed per sample
     r = torch.tensor([[-2.0, 0.5, 2.0, -0.5]])
     t = torch.tensor([[1.0, -1.0, 3.0, 0.0]])  # rho = 1, 0, 1, 0
     # rho=1: relu(1+2)^2 = 9; rho=0: relu(1+0.5)^2 = 2.25; rho=1: relu(1-2)^2 = 0; rho=0: relu(1-0.5)^2 = 0.25
-    assert ab_loss(r, t, margin=1.0).item() == pytest.approx((9 + 2.25 + 0 + 0.25) / 4)
+    assert ab_loss(r, t, margin=1.0).item() == pytest.approx(9 + 2.25 + 0 + 0.25)
+    # a second sample: the per-sample sums are averaged over the batch (the authors' sum / batch_size)
+    r2 = torch.tensor([[-2.0, 0.5, 2.0, -0.5], [0.0, 0.0, 0.0, 0.0]])
+    t2 = torch.tensor([[1.0, -1.0, 3.0, 0.0], [1.0, 1.0, -1.0, -1.0]])  # second row: 1 + 1 + 1 + 1
+    assert ab_loss(r2, t2, margin=1.0).item() == pytest.approx((11.5 + 4.0) / 2)
+    # maps: summed over channels and positions; margin 2: relu(2 - 0.5)^2 = 2.25, relu(2 + 0.5)^2 = 6.25
+    r4 = torch.full((1, 2, 1, 2), 0.5)
+    t4 = torch.tensor([[[[1.0, 1.0]], [[0.0, -2.0]]]])
+    assert ab_loss(r4, t4, margin=2.0).item() == pytest.approx(2 * 2.25 + 2 * 6.25)
     # beyond the margin on the right side of every boundary: zero
     assert ab_loss(torch.tensor([[2.0, -2.0]]), torch.tensor([[0.3, -0.3]]), 1.0).item() == 0.0
+
+
+def _term(cls, spec, t_shapes: dict, s_shapes: dict):
+    """A feature term built directly from per-sample shapes (no Distiller)."""
+    from kdcli.distill.losses.base import Layers
+
+    layers = Layers(list(t_shapes), list(s_shapes), {k: torch.Size(v) for k, v in t_shapes.items()},
+                    {k: torch.Size(v) for k, v in s_shapes.items()}, "distill.losses[0]")
+    return cls(spec, spec.kind, layers)
+
+
+def test_ab_term_with_paper_weight_equals_the_authors_code():
+    """weight 0.003 and layer_decay 0.5 give the authors' CIFAR objective,
+    ``(L(C3(s3), t3) + L(C2(s2), t2)/2 + L(C1(s1), t1)/4) / batch / 1000 * 3`` with
+    ``criterion_alternative_L2`` written out as in bhheo/AB_distillation."""
+    from kdcli.config.losses import AB
+    from kdcli.distill.losses.hints import ABTerm
+
+    def criterion_alternative_l2(source, target, margin):
+        loss = ((source + margin) ** 2 * ((source > -margin) & (target <= 0)).float() +
+                (source - margin) ** 2 * ((source <= margin) & (target > 0)).float())
+        return torch.abs(loss).sum()
+
+    torch.manual_seed(0)
+    t_shapes = {"t1": (4, 8, 8), "t2": (8, 4, 4), "t3": (16, 2, 2)}
+    s_shapes = {"s1": (2, 8, 8), "s2": (4, 4, 4), "s3": (8, 2, 2)}
+    spec = AB()
+    assert spec.weight == 0.003 and spec.layer_decay == 0.5 and spec.margin == 1.0
+    term = _term(ABTerm, spec, t_shapes, s_shapes).eval()
+    n = 5
+    tf = {k: torch.randn(n, *v) for k, v in t_shapes.items()}
+    sf = {k: torch.randn(n, *v) for k, v in s_shapes.items()}
+    ours = spec.weight * term(None, sf, term.targets(None, tf), None)
+    with torch.no_grad():
+        c = [conn(sf[s]) for conn, s in zip(term.connectors, ["s1", "s2", "s3"])]
+    ref = criterion_alternative_l2(c[2], tf["t3"], 1.0) / n
+    ref = ref + criterion_alternative_l2(c[1], tf["t2"], 1.0) / n / 2
+    ref = ref + criterion_alternative_l2(c[0], tf["t1"], 1.0) / n / 4
+    ref = ref / 1000 * 3
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 # --- attention transfer and FSP ----------------------------------------------------------------
 
 def test_attention_map_and_at_loss_by_hand():
     f = torch.tensor([[[[1.0, 2.0], [0.0, 1.0]], [[3.0, 0.0], [0.0, 1.0]]]])  # (1, 2, 2, 2)
-    q = np.array([(1 + 9) / 2, (4 + 0) / 2, 0.0, (1 + 1) / 2])
+    q = np.array([(1 + 9) / 2, (4 + 0) / 2, 0.0, (1 + 1) / 2])  # mean over channels of f^2
     q = q / np.linalg.norm(q)
     assert np.allclose(attention_map(f).numpy()[0], q, atol=1e-6)
     g = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # attention all on the first position
-    expect = np.linalg.norm(q - np.array([1.0, 0, 0, 0]))
+    e1 = np.array([1.0, 0, 0, 0])
+    # the authors' at_loss: the mean over batch and positions of the squared difference
+    expect = sum((q[i] - e1[i]) ** 2 for i in range(4)) / 4
     assert at_loss(attention_map(f), attention_map(g)).item() == pytest.approx(expect, rel=1e-5)
     assert at_loss(attention_map(f), attention_map(f.clone() * 3)).item() == pytest.approx(0.0, abs=1e-6)
+    # two samples: averaged over both (the second pair identical, so half the first's value)
+    two = at_loss(attention_map(torch.cat([f, f])), attention_map(torch.cat([g.expand(1, 2, 2, 2), f])))
+    assert two.item() == pytest.approx(expect / 2, rel=1e-5)
+    # p = 4 (|f|^p, so the sign of a feature does not matter)
+    q4 = np.array([(1 + 81) / 2, (16 + 0) / 2, 0.0, (1 + 1) / 2])
+    assert np.allclose(attention_map(-f, p=4).numpy()[0], q4 / np.linalg.norm(q4), atol=1e-6)
 
 
-def test_attention_map_pools_to_smaller_size():
+def test_attention_map_pools_features_before_the_power():
+    # one channel, 2x2 -> 1x2: pooling the features first averages +1 and -1 to 0 (the pooled
+    # *map* would average 1 and 1 to 1)
+    f = torch.tensor([[[[1.0, 2.0], [-1.0, 2.0]]]])
+    a = attention_map(f, size=(1, 2))
+    col0, col1 = ((1 + -1) / 2) ** 2, ((2 + 2) / 2) ** 2   # 0 and 4
+    norm = math.sqrt(col0 ** 2 + col1 ** 2)
+    assert a.shape == (1, 2) and np.allclose(a.numpy()[0], [col0 / norm, col1 / norm], atol=1e-6)
     f = torch.randn(2, 3, 8, 8)
     a = attention_map(f, size=(4, 4))
     assert a.shape == (2, 16)
     assert torch.allclose(a.norm(dim=1), torch.ones(2))
+
+
+def test_at_term_with_paper_weight_equals_the_authors_code():
+    """weight 1000 (the paper's and the authors' β = 10³) times the term equals
+    ``β · Σ_j at_loss(s_j, t_j)`` of szagoruyko/attention-transfer, the larger side's features
+    pooled to the smaller size first as in RepDistiller's ``Attention``, on random features of
+    different spatial sizes on either side."""
+    import torch.nn.functional as F
+
+    from kdcli.config.losses import AT
+    from kdcli.distill.losses.maps import ATTerm
+
+    def at(x):
+        return F.normalize(x.pow(2).mean(1).view(x.size(0), -1))
+
+    def reference_at_loss(x, y):
+        if x.shape[2:] != y.shape[2:]:
+            size = tuple(min(a, b) for a, b in zip(x.shape[2:], y.shape[2:]))
+            x, y = F.adaptive_avg_pool2d(x, size), F.adaptive_avg_pool2d(y, size)
+        return (at(x) - at(y)).pow(2).mean()
+
+    torch.manual_seed(0)
+    t_shapes = {"t1": (16, 16, 16), "t2": (32, 8, 8), "t3": (64, 4, 4)}
+    s_shapes = {"s1": (8, 8, 8), "s2": (8, 8, 8), "s3": (16, 8, 8)}   # smaller, equal, larger than the teacher
+    spec = AT()
+    assert spec.weight == 1000.0 and spec.p == 2.0
+    term = _term(ATTerm, spec, t_shapes, s_shapes)
+    tf = {k: torch.randn(6, *v) for k, v in t_shapes.items()}
+    sf = {k: torch.randn(6, *v) for k, v in s_shapes.items()}
+    ours = spec.weight * term(None, sf, term.targets(None, tf), None)
+    beta = 1e3
+    ref = beta * sum(reference_at_loss(sf[s], tf[t]) for s, t in zip(s_shapes, t_shapes))
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert ours.item() > 0
 
 
 def test_fsp_matrix_by_hand_and_zero_for_identical():
@@ -169,19 +267,36 @@ def test_fsp_matrix_by_hand_and_zero_for_identical():
 # --- VID and pairing ---------------------------------------------------------------------------
 
 def test_vid_nll_known_mu_sigma():
+    # Ahn et al. 2019: (t - mu)^2 / (2 var) + 1/2 log var per element, averaged over all of them
     mu = torch.zeros(1, 2)
     t = torch.tensor([[1.0, 2.0]])
     var = torch.tensor([1.0, 4.0])
-    hand = (1 / 2 + 0.5 * math.log(1)) + (4 / 8 + 0.5 * math.log(4))
+    hand = ((1 / 2 + 0.5 * math.log(1)) + (4 / 8 + 0.5 * math.log(4))) / 2
     assert vid_nll(mu, var, t).item() == pytest.approx(hand, rel=1e-6)
-    # maps: mean over batch and positions, sum over channels
+    # maps: one channel, mean over batch and positions
     mu = torch.zeros(2, 1, 1, 2)
     t = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 2.0]]]])
     hand = (1 + 9 + 0 + 4) / 4 / (2 * 2.0) + 0.5 * math.log(2.0)
     assert vid_nll(mu, torch.tensor([2.0]), t).item() == pytest.approx(hand, rel=1e-6)
+    # channel weights: Σ_c w_c·m_c / C
     w = torch.tensor([0.0, 1.0])
     assert vid_nll(torch.zeros(1, 2), torch.tensor([1.0, 4.0]), torch.tensor([[1.0, 2.0]]), w).item() == \
-        pytest.approx(4 / 8 + 0.5 * math.log(4), rel=1e-6)
+        pytest.approx((4 / 8 + 0.5 * math.log(4)) / 2, rel=1e-6)
+
+
+def test_vid_nll_equals_the_reference_implementation():
+    """``torch.mean(0.5 * ((pred_mean - target)**2 / pred_var + log(pred_var)))`` of RepDistiller's
+    VIDLoss (and torchdistill's), with ``pred_var = log(1 + exp(log_scale)) + eps``."""
+    torch.manual_seed(0)
+    mu, t = torch.randn(4, 6, 3, 3), torch.randn(4, 6, 3, 3)
+    log_scale = torch.randn(6)
+    pred_var = torch.log(1.0 + torch.exp(log_scale)) + 1e-5
+    ref = torch.mean(0.5 * ((mu - t) ** 2 / pred_var.view(1, -1, 1, 1) + torch.log(pred_var.view(1, -1, 1, 1))))
+    assert vid_nll(mu, pred_var, t).item() == pytest.approx(ref.item(), rel=1e-5)
+    reg = VIDRegressor(3, 6, vector=False, init_var=5.0, eps=1e-5)
+    with torch.no_grad():
+        reg.alpha.copy_(log_scale)
+    assert torch.allclose(reg.variance(), pred_var)
 
 
 def test_vid_regressor_starts_at_init_var_and_is_minimal_at_target():
@@ -189,8 +304,8 @@ def test_vid_regressor_starts_at_init_var_and_is_minimal_at_target():
     assert torch.allclose(reg.variance(), torch.full((5,), 5.0), atol=1e-5)
     mu, var = reg(torch.randn(2, 3, 4, 4))
     assert mu.shape == (2, 5, 4, 4)
-    # with μ = t the loss is its minimum for that σ²: Σ_c ½·log σ²_c
-    assert vid_nll(mu, var, mu.detach()).item() == pytest.approx(5 * 0.5 * math.log(5.0), rel=1e-4)
+    # with μ = t the loss is its minimum for that σ²: the mean over channels of ½·log σ²_c
+    assert vid_nll(mu, var, mu.detach()).item() == pytest.approx(0.5 * math.log(5.0), rel=1e-4)
 
 
 def test_pairing():
@@ -213,9 +328,16 @@ def test_spec_parsing_and_defaults():
     assert isinstance(ta.validate_python({"kind": "kd"}), KD)
     hint = ta.validate_python({"kind": "hint", "teacher_layers": "layer2"})
     assert hint.teacher_layers == ["layer2"] and hint.student_layers == "auto"
+    # the weights the papers' code used with these reductions (see each term's docstring)
+    assert ta.validate_python({"kind": "at"}).weight == 1000.0
+    ab = ta.validate_python({"kind": "ab"})
+    assert ab.weight == 0.003 and ab.layer_decay == 0.5
+    assert ta.validate_python({"kind": "vid"}).weight == 1.0
+    assert ta.validate_python({"kind": "kd"}).weight == 1.0 and ta.validate_python({"kind": "hint"}).weight == 1.0
+    assert ta.validate_python({"kind": "ab", "layer_decay": 1}).layer_decay == 1.0
     for bad in ({"kind": "kd", "temperature": 0}, {"kind": "kd", "weight": -1}, {"kind": "kd", "alpha": 1},
                 {"kind": "nope"}, {"kind": "vid", "lambda": "learned"}, {"kind": "hint", "student_layers": []},
-                {"kind": "at", "granularity": True}):
+                {"kind": "at", "granularity": True}, {"kind": "ab", "layer_decay": 0}, {"kind": "ab", "layer_decay": 2}):
         with pytest.raises(ValidationError):
             ta.validate_python(bad)
 
@@ -228,5 +350,5 @@ def test_gaussian_entropy_by_hand():
     eps = 1e-5
     h0 = 0.5 * math.log(1 + eps) + 0.5
     h1 = 0.5 * math.log(4 + eps) + 0.5
-    assert gaussian_entropy(t).item() == pytest.approx(h0 + h1, abs=1e-6)
-    assert gaussian_entropy(t, torch.tensor([0.0, 2.0])).item() == pytest.approx(2 * h1, abs=1e-6)
+    assert gaussian_entropy(t).item() == pytest.approx((h0 + h1) / 2, abs=1e-6)   # per channel
+    assert gaussian_entropy(t, torch.tensor([0.0, 2.0])).item() == pytest.approx(2 * h1 / 2, abs=1e-6)

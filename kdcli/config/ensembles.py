@@ -10,6 +10,8 @@ Specialists (Hinton et al. 2015, section 5)::
       cluster_on: correlation   # K-means on correlation (default) or covariance columns
       top_n: 1                  # the generalist's top classes that activate specialists
       train: {epochs: 3, lr: 0.02}
+      soft_target_weight: 1.0   # KL toward the generalist's soft targets (0: hard labels only)
+      soft_target_temperature: 2.0
       inference_steps: 50       # gradient steps of the KL combination
       inference_lr: 1.0
 
@@ -47,6 +49,13 @@ def _train(**kw):
     return lambda: TrainSpec(**kw)
 
 
+# Specialists' soft-target regulariser (Hinton et al. 2015, §6.1): each specialist minimises
+# CE(hard labels) + weight·T²·KL(generalist's soft targets ‖ specialist) at temperature T; see
+# kdcli.ensembles.specialists.train_specialist. Shared with its keyword defaults.
+SOFT_TARGET_WEIGHT = 1.0
+SOFT_TARGET_TEMPERATURE = 2.0
+
+
 class GeneralistSpec(_Strict):
     """The generalist of a specialist ensemble: ``checkpoint`` (a kdcli ``.kdc`` file, or a user
     checkpoint read with ``model``/``model_args``), or trained now from ``model`` with ``train``."""
@@ -73,6 +82,10 @@ class SpecialistsSpec(_Strict):
     subset_size: int | None = Field(None, ge=2, le=100_000)
     top_n: int = Field(1, ge=1, le=100_000)
     train: TrainSpec = Field(default_factory=_train(epochs=5, lr=0.02))
+    # Soft targets of the generalist as a regulariser of each specialist (Hinton et al. 2015, §6.1):
+    # the specialist's training set is small and enriched in its classes, so it overfits them.
+    soft_target_weight: float = Field(SOFT_TARGET_WEIGHT, ge=0, le=1e4)
+    soft_target_temperature: float = Field(SOFT_TARGET_TEMPERATURE, gt=0, le=100)
     inference_steps: int = Field(50, ge=0, le=10_000)
     inference_lr: float = Field(1.0, gt=0, le=100)
     cluster_samples: int = Field(10_000, ge=10, le=100_000_000)  # transfer-set samples that estimate the covariance

@@ -15,8 +15,12 @@ each top-level stage, see :func:`kdcli.distill.taps.auto_layers`); a single path
 
 Safe defaults matter: Hinton KD multiplies its KL term by T², so T=20 with a teacher whose logits
 spread over ~25 units gives gradients ~400× larger than cross-entropy's; with lr 0.1 that diverged
-in a benchmark. The default recipe is T=4 with weights 0.9 (kd) / 0.1 (ce); every ``weight``
-defaults to 1.
+in a benchmark. The default recipe is T=4 with weights 0.9 (kd) / 0.1 (ce).
+
+Each term is computed as its authors' code computes it, so the weights published with a method
+transfer as they are. ``weight`` defaults to 1, except where that reduction makes the published
+weight something else: ``at`` 1000 (Zagoruyko & Komodakis' β = 10³), ``ab`` 0.003 (Heo et al.'s
+``/ 1000 * 3``). ``vid`` 1 is RepDistiller's published VID weight with cross-entropy weight 1.
 """
 
 from __future__ import annotations
@@ -103,9 +107,14 @@ class Hint(_FeatureTerm):
 
 @_kind
 class AT(_FeatureTerm):
-    """Zagoruyko & Komodakis 2017: attention transfer with p-th power spatial attention maps."""
+    """Zagoruyko & Komodakis 2017: attention transfer with p-th power spatial attention maps.
+
+    The term is the authors' ``Σ_j at_loss_j``, the mean squared difference of the normalised maps
+    per layer pair (kdcli.distill.losses.maps.at_loss), so the default weight 1000 is their β = 10³
+    (``--beta 1e+3``, szagoruyko/attention-transfer)."""
 
     kind: Literal["at"] = "at"
+    weight: float = Field(1000.0, ge=0, le=1e6)
     p: float = Field(2.0, gt=0, le=16)  # |a|^p of activations overflows float32 far beyond
 
 
@@ -118,15 +127,24 @@ class FSP(_FeatureTerm):
 
 @_kind
 class AB(_FeatureTerm):
-    """Heo et al. 2019: activation-boundary margin loss on pre-activation features."""
+    """Heo et al. 2019: activation-boundary margin loss on pre-activation features.
+
+    Per layer pair the squared L2 norm per sample, averaged over the batch; pairs weighted
+    ``layer_decay^(L−1−k)`` (the deepest 1, halved per shallower pair by default). With the default
+    weight 0.003 that is the authors' CIFAR objective, ``(ab_3 + ab_2/2 + ab_1/4) / 1000 * 3``
+    (bhheo/AB_distillation; see kdcli.distill.losses.hints.ABTerm)."""
 
     kind: Literal["ab"] = "ab"
+    weight: float = Field(0.003, ge=0, le=1e6)
     margin: float = Field(1.0, ge=0, le=1e4)
+    layer_decay: float = Field(0.5, gt=0, le=1)  # 1: every layer pair counts the same
 
 
 @_kind
 class VID(_FeatureTerm):
-    """Ahn et al. 2019: variational information distillation, −log q(t|s) with a Gaussian q."""
+    """Ahn et al. 2019: variational information distillation, −log q(t|s) with a Gaussian q,
+    averaged over batch, channels and positions as in the reference code, so the default weight 1
+    (with ``ce`` weight 1) is RepDistiller's published setting (``-b 1``)."""
 
     kind: Literal["vid"] = "vid"
     pairing: Literal["pairwise", "all-to-all"] = "pairwise"

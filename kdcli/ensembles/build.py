@@ -97,6 +97,8 @@ def _specialists(spec, data, device, reporter, base_dir, seed):
     models, per = [], []
     for m, subset in enumerate(clusters.subsets):
         model, info = train_specialist(generalist, subset, data, spec.train, device=device, seed=seed + 1 + m,
+                                       soft_target_weight=spec.soft_target_weight,
+                                       soft_target_temperature=spec.soft_target_temperature,
                                        progress=lambda r, m=m: reporter.metrics(f"specialist {m}", r))
         reporter.info(f"specialist {m}: dustbin logit + {info['correction']:.3f}")
         models.append(model)

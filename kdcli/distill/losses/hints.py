@@ -103,16 +103,21 @@ class HintTerm(Term, kind="hint"):
 
 def ab_loss(r_s: torch.Tensor, t: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """Heo et al. 2019, "Knowledge Transfer via Distillation of Activation Boundaries", eq. 5:
-    ``ρ(T)⊙ReLU(m − r(S))² + (1 − ρ(T))⊙ReLU(m + r(S))²`` with ``ρ(T) = 1[T > 0]``.
+    ``‖ρ(T)⊙ReLU(m − r(S)) + (1 − ρ(T))⊙ReLU(m + r(S))‖²₂`` with ``ρ(T) = 1[T > 0]``, the squared
+    L2 norm per sample (summed over channels and positions), averaged over the batch.
 
-    ``r_s`` is the connector's output (pre-activation, same shape as ``t``); ``t`` is the
-    teacher's feature or already its boolean mask ρ(T). Averaged over all elements: the paper's
-    squared L2 norm divided by the number of elements, so the scale does not grow with layer size.
+    That is the authors' reduction: ``criterion_alternative_L2(...) / batch_size``, a sum over
+    all elements divided by the batch (bhheo/AB_distillation, cifar10_AB_distillation.py; the
+    same in HobbitLong/RepDistiller, distiller_zoo/AB.py). ``r_s`` is the connector's output
+    (pre-activation, same shape as ``t``, (N, C) or (N, C, H, W)); ``t`` is the teacher's feature
+    or already its boolean mask ρ(T). The value grows with the layer's C·H·W, as the authors' does,
+    which is why their weight is small (3/1000, see :class:`ABTerm`).
     """
     rho = t if t.dtype == torch.bool else t > 0
-    rho = rho.to(r_s.dtype)
+    rho = rho.to(torch.float32)
     r = r_s.float()
-    return (rho * F.relu(margin - r).pow(2) + (1 - rho) * F.relu(margin + r).pow(2)).mean()
+    per = rho * F.relu(margin - r).pow(2) + (1 - rho) * F.relu(margin + r).pow(2)
+    return per.flatten(1).sum(1).mean()
 
 
 def make_connector(cs: int, ct: int, vector: bool) -> nn.Module:
@@ -123,7 +128,17 @@ def make_connector(cs: int, ct: int, vector: bool) -> nn.Module:
 
 
 class ABTerm(Term, kind="ab"):
-    """Activation-boundary transfer, summed over layer pairs (see :func:`ab_loss`).
+    """Activation-boundary transfer: ``Σ_k d^(L−1−k)·ab_loss_k`` over the L layer pairs in
+    ``student_layers`` order (shallow to deep), ``d`` = ``layer_decay``.
+
+    The authors weight the deepest pair 1 and halve the weight at each shallower one, then scale
+    the sum by 3/1000: ``loss = (ab_3 + ab_2/2 + ab_1/4) / 1000 * 3`` with ``ab_k`` as in
+    :func:`ab_loss` (bhheo/AB_distillation, cifar10_AB_distillation.py, ``Distillation``; the
+    ImageNet wrapper in models/distillation_module.py uses ``/ 1000`` and a multiplier;
+    RepDistiller's ``ABLoss`` has ``w = 2**(i - L + 1)`` and ``/ 1000 * 3``). So ``layer_decay: 0.5``
+    (the default) and ``weight: 0.003`` reproduce the authors' CIFAR objective exactly. The
+    authors train with it alone, as an initialisation stage of the student and connectors, then
+    train for classification; kdcli adds it to the other terms of one objective at that scale.
 
     Pre-activation features: ρ(T) = 1[T > 0] is the same before and after a ReLU, so the teacher's
     tapped outputs (post-activation, as ``auto`` picks them) give the exact activation boundary;
@@ -135,6 +150,8 @@ class ABTerm(Term, kind="ab"):
         super().__init__(name, spec.weight)
         self.margin = spec.margin
         self.pairs = pairs(layers)
+        n = len(self.pairs)
+        self.layer_factors = [float(spec.layer_decay) ** (n - 1 - k) for k in range(n)]
         self.teacher_layers, self.student_layers = layers.teacher, layers.student
         self.connectors = nn.ModuleList()
         self._sizes = []
@@ -155,8 +172,8 @@ class ABTerm(Term, kind="ab"):
 
     def forward(self, s_logits, s_feats, targets, y):
         total = 0.0
-        for k, ((_, s), conn, size) in enumerate(zip(self.pairs, self.connectors, self._sizes)):
+        for k, ((_, s), conn, size, c) in enumerate(zip(self.pairs, self.connectors, self._sizes, self.layer_factors)):
             f = s_feats[s]
             f = to_vector(f) if size is None else pool_to(f, size)
-            total = total + ab_loss(conn(f), targets[f"{self.name}.rho{k}"], self.margin)
+            total = total + c * ab_loss(conn(f), targets[f"{self.name}.rho{k}"], self.margin)
         return total

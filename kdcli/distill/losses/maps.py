@@ -15,27 +15,38 @@ from kdcli.distill.losses.base import Layers, Term, check_rank, pairs, pool_to, 
 
 
 def attention_map(f: torch.Tensor, p: float = 2.0, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Zagoruyko & Komodakis 2017, spatial attention ``Q = mean_c |f_c|^p`` of (N, C, H, W)
-    features, average-pooled to ``size`` when given, flattened and L2-normalised -> (N, H·W)."""
-    a = f.float().abs().pow(p).mean(1, keepdim=True)
+    """Zagoruyko & Komodakis 2017, spatial attention of (N, C, H, W) features, as the authors'
+    ``at(x) = F.normalize(x.pow(2).mean(1).view(N, -1))`` (szagoruyko/attention-transfer,
+    utils.py / cifar.py), generalised to ``Q = mean_c |f_c|^p`` -> (N, H·W), L2-normalised per sample.
+
+    With ``size`` the *features* are average-pooled to that spatial size first, before the power,
+    as in RepDistiller's ``Attention.at_loss`` (HobbitLong/RepDistiller, distiller_zoo/AT.py): the
+    map of pooled features, not the pooled map."""
+    f = f.float()
     if size is not None:
-        a = pool_to(a, size)
+        f = pool_to(f, size)
+    a = f.abs().pow(p).mean(1)
     return F.normalize(a.flatten(1), dim=1)
 
 
 def at_loss(a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
-    """Attention-transfer distance of normalised maps (N, H·W): ``mean_n ‖a_s − a_t‖₂``.
+    """The authors' ``at_loss``: ``(at(s) − at(t)).pow(2).mean()``, the mean over batch and the
+    H·W positions of the squared difference of the normalised maps (N, H·W).
 
-    This is the paper's eq. 2 term for one layer pair with p = 2 norm, averaged over the batch.
-    The paper's factor β/2 is left to the term's ``weight`` (no ½ here). The authors' code uses
-    the mean of squared differences with β = 1000 instead; this form keeps the value in [0, 2].
+    The paper's eq. 2 writes ``β/2 · Σ_j ‖Q_S/‖Q_S‖ − Q_T/‖Q_T‖‖_p`` and sets β to 10³ divided by
+    the number of map elements and the batch size. The code that produced the published numbers
+    (cifar.py and imagenet.py of szagoruyko/attention-transfer) computes
+    ``opt.beta * sum(at_loss(x, y) for each group)``, with ``--beta 1e+3`` in its README and no
+    ½. This function is that ``at_loss``, so a term weight of 1000 reproduces the authors' code
+    exactly (on one GPU: their ``data_parallel`` sums the per-GPU means, so n GPUs give n×).
     """
-    return (a_s - a_t).norm(dim=1).mean()
+    return (a_s - a_t).pow(2).mean()
 
 
 class ATTerm(Term, kind="at"):
-    """Attention transfer, summed over layer pairs; spatial sizes matched by pooling the larger
-    attention map to the smaller size."""
+    """Attention transfer, summed over layer pairs: ``Σ_j at_loss_j`` (see :func:`at_loss`), so
+    ``weight: 1000`` is the authors' β = 10³. Spatial sizes are matched by average-pooling the
+    larger side's features to the smaller size before the attention map is computed."""
 
     def __init__(self, spec, name: str, layers: Layers, gmap=None):
         super().__init__(name, spec.weight)

@@ -24,33 +24,47 @@ from kdcli.distill.losses.base import (ChannelWeights, Layers, Term, check_rank,
 
 def vid_nll(mu: torch.Tensor, var: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None = None,
             critical: torch.Tensor | None = None) -> torch.Tensor:
-    """Ahn et al. 2019, eq. 2 and 4: ``−log q(t|s)`` per sample and position, constant ½·log 2π
-    dropped: ``mean over (batch, positions) of Σ_c w_c·[(t_c − μ_c)²/(2σ²_c) + ½·log σ²_c]``.
+    """Ahn et al. 2019, eq. 2 and 4: ``−log q(t|s)`` with ``q = N(μ(s), diag σ²)``, constant
+    ½·log 2π dropped, averaged over batch, channels and positions:
+    ``Σ_c w_c·m_c / C`` with ``m_c`` the mean over (batch, positions) of
+    ``(t_c − μ_c)²/(2σ²_c) + ½·log σ²_c``.
+
+    This is the reduction of the reference implementations: ``torch.mean(0.5 * ((pred_mean -
+    target)**2 / pred_var + log(pred_var)))`` over all (N, C, H, W) elements
+    (HobbitLong/RepDistiller, distiller_zoo/VID.py, "code from author"
+    ssahn0215/variational-information-distillation; torchdistill's ``VIDLoss``,
+    torchdistill/losses/mid_level.py, the same ``neg_log_prob.mean()``). The paper writes the sum
+    over C·H·W; the mean is that sum divided by C·H·W, and the published weights are for the mean
+    (RepDistiller's CIFAR-100 benchmark: ``-b 1`` with cross-entropy weight 1).
 
     ``mu`` and ``t`` are (N, C) or (N, C, H, W), ``var`` is (C,) and positive. Uniform weights by
-    default; ``critical`` channels are compared after global pooling. The value grows with C and
+    default (the plain mean); ``critical`` channels are compared after global pooling. The value
     can be negative once σ² < 1 (a log-likelihood, not a distance).
     """
     shape = (1, -1) + (1,) * (mu.dim() - 2)
     v = var.float().view(shape)
     fn = lambda m, x: (x.float() - m.float()).pow(2) / (2 * v) + 0.5 * v.log()  # noqa: E731
     per = per_channel_loss(fn, mu, t, critical)
-    return per.sum() if weight is None else (weight * per).sum()
+    return per.mean() if weight is None else (weight * per).sum() / per.numel()
 
 
 def gaussian_entropy(t: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """``Σ_c w_c·(½·log Var(t_c) + ½)``: the differential entropy of a Gaussian with each channel's
-    batch variance (over samples and positions), ½·log 2π dropped as in :func:`vid_nll`, so that
-    ``H(t) − nll`` estimates the variational lower bound on I(t; s) (Ahn et al. 2019, eq. 2)."""
+    """``Σ_c w_c·(½·log Var(t_c) + ½) / C``: the differential entropy per channel of a Gaussian
+    with each channel's batch variance (over samples and positions), ½·log 2π dropped and
+    averaged over channels as in :func:`vid_nll`, so that ``H(t) − nll`` estimates the
+    variational lower bound on I(t; s) per channel (Ahn et al. 2019, eq. 2)."""
     dims = [0] + list(range(2, t.dim()))
     h = 0.5 * t.detach().float().var(dim=dims, unbiased=False).add(eps).log() + 0.5
-    return h.sum() if weight is None else (weight * h).sum()
+    return h.mean() if weight is None else (weight * h).sum() / h.numel()
 
 
 class VIDRegressor(nn.Module):
     """μ(s) and σ² of q(t|s): the paper's three 1x1 convolutions with ReLU in between (three
     Linear layers for vectors), hidden width = the teacher's channels as in the authors' code, and
-    a learned per-channel variance ``σ²_c = softplus(α_c) + ε`` starting at ``init_var``."""
+    a learned per-channel variance ``σ²_c = softplus(α_c) + ε`` starting at ``init_var``: the
+    reference's ``pred_var = log(1 + exp(log_scale)) + eps`` with ``log_scale`` initialised to
+    ``log(exp(init_pred_var − eps) − 1)``, init 5.0 and eps 1e-5 (RepDistiller, distiller_zoo/VID.py).
+    The reference's convolutions have no bias; these have one."""
 
     def __init__(self, cs: int, ct: int, vector: bool, init_var: float = 5.0, eps: float = 1e-5):
         super().__init__()
@@ -80,7 +94,10 @@ def fixed_lambda(nt: int, ns: int, mode: str) -> torch.Tensor:
 
 
 class VIDTerm(Term, kind="vid"):
-    """VID summed over layer pairs with weights λ_ij (see the module docstring).
+    """VID summed over layer pairs with weights λ_ij (see the module docstring), each pair's
+    :func:`vid_nll` a mean over batch, channels and positions as in the reference code, so
+    ``pairing: pairwise`` with ``weight: 1`` (and ``ce`` weight 1) is RepDistiller's published
+    CIFAR-100 setting (``--distill vid -a 0 -b 1``, the loss summed over the tapped layers).
 
     ``pairing: pairwise`` uses each student layer's nearest teacher layer only; ``all-to-all``
     uses every pair with λ ``uniform`` (1/nt) or ``learned`` (a softmax over teacher layers of a
@@ -136,9 +153,9 @@ class VIDTerm(Term, kind="vid"):
             if self.learned:
                 # λ follows the information per teacher channel, not the raw bound: value and
                 # student gradients are those of Σ λ·nll, but λ's gradient is that of
-                # Σ λ·(nll − H(t_i)) / C_i. Raw nll omits H(t_i), which differs between teacher
-                # layers and grows with their channel count, so λ collapsed onto the smallest one.
-                excess = ((nll - gaussian_entropy(t, g.weight)) / t.shape[1]).detach()
+                # Σ λ·(nll − H(t_i)), both per channel. Raw nll omits H(t_i), which differs
+                # between teacher layers, so λ collapsed onto the layer of least entropy.
+                excess = (nll - gaussian_entropy(t, g.weight)).detach()
                 total = total + lam[i, j].detach() * nll + (lam[i, j] - lam[i, j].detach()) * excess
             else:
                 total = total + lam[i, j] * nll
