@@ -92,17 +92,26 @@ def test_unknown_ignored_layer_and_importance_are_input_errors():
         StructuredPruner(model, ex, importance="l1")
 
 
-def test_option_a_resnet_keeps_zero_pad_group_out_and_prunes_inner_convs():
+def test_option_a_resnet_prunes_the_whole_residual_width():
+    """The zero-padding shortcuts are coupled (kdcli.prune.couplings): besides the inner convs,
+    three residual groups, one per stage: stage 1's channels (which run on through both
+    shortcuts), then the channels each shortcut pads in (which exist from that stage on)."""
     model, ex = _build("resnet20", (3, 32, 32))
     p = StructuredPruner(model, ex)
-    assert len(p.notes) == 1 and "1 group kept out of pruning" in p.notes[0] and "conv1" in p.notes[0]
+    assert len(p.notes) == 1 and "2 zero-padding shortcuts" in p.notes[0] and "kept out" not in p.notes[0]
     inner = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
-    assert p.groups == inner
+    assert sorted(p.groups) == sorted(inner + ["conv1", "layer2.0.conv2", "layer3.0.conv2"])
+    channels = p.group_channels()
+    assert (channels["conv1"], channels["layer2.0.conv2"], channels["layer3.0.conv2"]) == (16, 16, 32)
+    macs0 = count_macs_params(model, ex)[0]
     scores = p.score()
-    p.apply(p.plan_below(scores, p.tau_for_macs(scores, 0.6 * count_macs_params(model, ex)[0])))
-    assert model.conv1.out_channels == 16 and model.layer3[2].conv2.out_channels == 64
-    assert model.layer2[1].conv1.out_channels < 32
+    p.apply(p.plan_below(scores, p.tau_for_macs(scores, 0.6 * macs0)))
+    assert count_macs_params(model, ex)[0] <= 0.6 * macs0
+    width = [model.conv1.out_channels, model.layer2[0].conv2.out_channels, model.layer3[2].conv2.out_channels]
+    assert width[0] < 16 and width[1] < 32 and width[2] < 64
     assert model.layer2[1].conv1.out_channels == model.layer2[1].bn1.num_features == model.layer2[1].conv2.in_channels
+    pad = model.layer3[0].shortcut
+    assert pad.in_channels == width[1] and pad.out_channels == width[2] == model.linear.in_features
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
@@ -138,10 +147,10 @@ def test_understood_residual_couplings_stay_prunable():
 
 def test_probe_is_cached_per_model_structure(monkeypatch):
     model, ex = _build("resnet20", (3, 32, 32))
-    StructuredPruner(model, ex)
+    first = StructuredPruner(model, ex)
     monkeypatch.setattr(StructuredPruner, "_probe", lambda self: pytest.fail("probed again"))
     again = StructuredPruner(_build("resnet20", (3, 32, 32))[0], ex)
-    assert "conv1" not in again.groups and len(again.notes) == 1
+    assert again.groups == first.groups and "conv1" in again.groups and again.notes == first.notes
 
 
 def test_pruner_leaves_mode_and_batchnorm_statistics_alone():
@@ -403,3 +412,28 @@ def test_a_probe_overflowed_by_its_weights_does_not_exclude_the_groups_of_later_
     x = torch.zeros(1, 1, 8, 8)
     StructuredPruner(mlp(1e25), x)
     assert sorted(StructuredPruner(mlp(1.0), x).groups) == ["features.1", "features.3"]
+
+
+def test_plan_for_macs_lands_near_the_aim_when_one_block_is_expensive():
+    """A wide early layer whose round_to block costs most of the gap: the threshold plan that
+    first gets under the aim removes it and lands far below; taking cheap blocks away from the
+    plan of the next lower threshold lands just under the aim instead."""
+    from torch import nn
+
+    from kdcli.prune.pruner import StructuredPruner, count_macs_params
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    ex = torch.zeros(1, 3, 32, 32)
+    p = StructuredPruner(model, ex, round_to=8)
+    total = count_macs_params(model, ex)[0]
+    # the first conv's channels score lowest, so any threshold takes its costly block first
+    scores = {"0": torch.tensor([0.1] * 8 + [5.0] * 8), "2": torch.linspace(0.2, 4.0, 64)}
+    aim = 0.93 * total
+    tau = p.tau_for_macs(scores, aim)
+    filled = p.fill_to_macs(scores, p.plan_below(scores, tau), aim)
+    _, plan = p.plan_for_macs(scores, aim)
+    assert p.plan_macs(plan) <= aim
+    assert p.plan_macs(plan) >= p.plan_macs(filled)
+    assert p.plan_macs(plan) > 0.9 * total  # just under the aim, not a 0.5x cut of the first conv

@@ -296,7 +296,11 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
         consumers = {g: members[g]["in"][0] for g in pruner.groups if members[g]["in"]}
         per_channel = consumer_statistics(model, batches, consumers)
         for grp in groups:
-            grp["importance"].update({k: _rounded(v) for k, v in per_channel.get(grp["name"], {}).items()})
+            # a group may cover part of its consumer's inputs (a stage's zero-padded channels):
+            # read the group's own channels through channels_at
+            idx = pruner.channels_at(grp["name"], consumers[grp["name"]]) if grp["name"] in consumers else None
+            grp["importance"].update({k: _rounded(v if idx is None else [v[i] for i in idx])
+                                      for k, v in per_channel.get(grp["name"], {}).items()})
         activity, redundancy, gmap = _activation_figures(model, example, batches, settings, seed, notes, reporter)
         timings["activation"] = time.perf_counter() - t1
 

@@ -132,7 +132,9 @@ class Context:
                    "val_accuracy": t_val}
         if test is not None:
             summary["test_accuracy"] = evaluate(teacher, test, device)["accuracy"]
-        warning = memorised_warning(t_val, summary.get("test_accuracy"), data)
+        # only a teacher trained elsewhere can have trained on the validation data
+        warning = memorised_warning(t_val, summary.get("test_accuracy"), data) \
+            if recipe.teacher_trained_elsewhere else None
         if warning:
             reporter.warn(warning)
             warnings.append(warning)
@@ -234,12 +236,22 @@ class Loop:
         aggressiveness (:meth:`Target.next_macs`), no larger a cut than :meth:`min_ratio` allows,
         except for the last step the schedule may take, which goes to the target (a student short
         of the resource target fails the gate at any accuracy)."""
-        target = self.ctx.target
-        steps_left = max(self.ctx.recipe.prune.steps - self.state.accepted_steps, 1)
-        aim = target.next_macs(macs, steps_left, self.state.aggressiveness)
+        target, state = self.ctx.target, self.state
         if self.last_step and target.macs is not None:
             return target.macs
         floor = self.min_ratio()
+        if floor is not None and state.undone >= self.ctx.recipe.prune.max_retries:
+            # retries spent: the rest of the way in equal steps, none larger than the floor (a
+            # halved aggressiveness would only creep on in ever smaller steps)
+            if target.macs is None:
+                return macs * max(floor, 0.7)
+            if macs <= target.macs:
+                return macs
+            # (a held step that barely cut would make the steps endless: at least 10 % a step)
+            n = math.ceil(math.log(target.macs / macs) / math.log(min(floor, 0.9)) - 1e-9)
+            return max(target.macs, macs * (target.macs / macs) ** (1 / max(n, 1)))
+        steps_left = max(self.ctx.recipe.prune.steps - state.accepted_steps, 1)
+        aim = target.next_macs(macs, steps_left, state.aggressiveness)
         return aim if floor is None else max(aim, macs * floor)
 
     def attempt(self, macs: int, params: int) -> Attempt:
@@ -489,7 +501,12 @@ def _granularity(recipe: Recipe):
 
 
 def _score_batches(recipe: Recipe, data: DataBundle, device) -> list:
-    loader = data.loader("train", train=False, device=device, seed=recipe.seed)
+    """The batches data-driven importance is scored on: the first ``prune.score_batches`` of a
+    seeded, augmented (as the recipe trains) pass over the training split. A checkpoint trained
+    elsewhere has memorised its training images (cross-entropy ~0.007 on the public CIFAR
+    ResNets), so un-augmented Taylor gradients are noise: pruned once to 0.79 of ResNet-20's MACs,
+    validation accuracy was 28 % with them and 65 % with augmented batches (activation: 72 %)."""
+    loader = data.loader("train", train=data.augment.active, device=device, seed=recipe.seed)
     out = []
     for i, batch in enumerate(loader):
         if i >= recipe.prune.score_batches:
@@ -513,16 +530,16 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
         ratios = _suggested_ratios(recipe.resolve(recipe.prune.ratios_from))
         pruner.prune_ratios(ratios, scores)
         return None, pruner.history()
-    tau = pruner.tau_for_macs(scores, aim_macs)
-    plan = pruner.plan_below(scores, tau)
-    if failed_macs is not None:
+    if failed_macs is None:  # land on the aim, not below it: one τ moves in coarse steps
+        tau, plan = pruner.plan_for_macs(scores, aim_macs)
+    else:
+        tau = pruner.tau_for_macs(scores, aim_macs)
+        plan = pruner.plan_below(scores, tau)
         for _ in range(30):
             if pruner.plan_macs(plan) > failed_macs:
                 break
             tau *= 0.9
             plan = pruner.plan_below(scores, tau)
-    else:  # land on the aim, not below it: one τ moves in coarse steps
-        plan = pruner.fill_to_macs(scores, plan, aim_macs)
     pruner.apply(plan)
     return float(tau), pruner.history()
 

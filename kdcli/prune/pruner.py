@@ -17,10 +17,18 @@ root layer (``layer1.0.conv1``) and pruned as a unit.
   the sensitivity scan of analysis uses it (prune group g at ratio r, evaluate, restore), and so
   does ``plan_macs``.
 
-Couplings torch-pruning does not understand (e.g. the zero-padding shortcut of option-A CIFAR
-ResNets) are found by a probe: for each group, the forward pass of the model with one channel
-pruned must equal the forward pass with that channel's producers zeroed. Groups that fail are
-kept out of pruning and ``notes`` says so in one line.
+Zero-padding shortcuts (option-A CIFAR ResNets: a strided slice of the block input with zero
+channels added) are found by probing and replaced by :class:`kdcli.prune.couplings.ChannelPadShortcut`,
+whose customized torch-pruning pruner couples input channel ``i`` with output channel ``left + i``:
+a stage's residual channels are then pruned together with the next stages' channels they feed.
+Groups are torch-pruning's, split by coupling: channels of one root layer that reach different
+sets of layers (a stage's own residual channels, its zero-padded channels, which exist only
+downstream) form separate groups, each named after a layer all of its channels pass through.
+
+Other couplings torch-pruning does not understand are found by a probe: for each group, the
+forward pass of the model with one channel pruned must equal the forward pass with that
+channel's producers zeroed. Groups that fail are kept out of pruning and ``notes`` says so in
+one line.
 
 The pruning history (``history()``) is torch-pruning's own list of ``[root module, is output
 channel, indices]``, in plain Python types so that ``torch.load(weights_only=True)`` reads it;
@@ -39,8 +47,9 @@ from torch import nn
 
 from kdcli.config.importance import NEEDS_DATA
 from kdcli.errors import InputError, ModelError
+from kdcli.prune.couplings import build_graph, replace_channel_pad_shortcuts
 from kdcli.prune.importance import (IMPORTANCES, ROOT_TYPES, group_importance, mean_over_ranks)
-from kdcli.models.utils import eval_mode, first_tensor, grads_enabled
+from kdcli.models.utils import eval_mode, first_tensor
 
 # Probe verdicts by model structure: compress creates one pruner per step on the same model.
 _PROBE_CACHE: dict[tuple, frozenset] = {}
@@ -147,6 +156,11 @@ class StructuredPruner:
         self.model, self.example, self.importance = model, example, importance
         self.round_to = int(round_to) if round_to else None
         self.notes: list[str] = []
+        self.shortcuts = replace_channel_pad_shortcuts(model, example)  # before anything looks at modules
+        if self.shortcuts:
+            shown = ", ".join(self.shortcuts[:4]) + (", ..." if len(self.shortcuts) > 4 else "")
+            self.notes.append(f"{len(self.shortcuts)} zero-padding shortcut{'s' if len(self.shortcuts) != 1 else ''} "
+                              f"({shown}) coupled: residual channels are pruned together with the channels they feed")
         modules = dict(model.named_modules())
         ignored: list[nn.Module] = []
         for name in ignored_layers:
@@ -157,8 +171,8 @@ class StructuredPruner:
         if out_name is not None:
             ignored.append(modules[out_name])
         self._ignored = ignored
-        with eval_mode(model), grads_enabled(model):
-            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        self.dg = build_graph(model, example)
+        with eval_mode(model), torch.no_grad():
             self._out_shape = first_tensor(model(example)).shape
         self._excluded: frozenset = frozenset()
         self._refresh_groups()
@@ -182,12 +196,20 @@ class StructuredPruner:
 
     # --- groups ---------------------------------------------------------------------------------
     def _refresh_groups(self) -> None:
-        """Enumerate the prunable groups (full index lists) of the model as it is now."""
+        """Enumerate the prunable groups of the model as it is now: ``self._groups`` (name ->
+        torch-pruning group of all the group's channels, ``root_idxs`` numbered 0..n-1 in the
+        order of ``self._roots[name]``, the root layer's output channels of the group)."""
         self._groups: dict[str, tp.dependency.Group] = {}
-        for group in self.dg.get_all_groups(ignored_layers=self._ignored, root_module_types=ROOT_TYPES):
-            name = self.dg._module2name[group[0].dep.target.module]
-            if name not in self._excluded:
-                self._groups[name] = group
+        self._roots: dict[str, list[int]] = {}
+        for name, module, chans in _partition_groups(self.dg, self._ignored):
+            if name in self._excluded:
+                continue
+            handler = self.dg.get_pruner_of_module(module).prune_out_channels
+            group = self.dg.get_pruning_group(module, handler, chans)
+            pos = {c: k for k, c in enumerate(chans)}
+            for item in group:
+                item.root_idxs = [pos.get(r) if r is not None else None for r in item.root_idxs]
+            self._groups[name], self._roots[name] = group, list(chans)
 
     def _names(self) -> str:
         names = list(self._groups)
@@ -202,9 +224,29 @@ class StructuredPruner:
         """Channels per prunable group, as the model is now."""
         return {name: len(g[0].idxs) for name, g in self._groups.items()}
 
+    def channels_at(self, name: str, path: str) -> list[int] | None:
+        """The channels of layer ``path`` that group ``name``'s channels 0..n-1 are, in that order:
+        its input channels where the group feeds it (a consumer), else its output channels. A
+        group need not cover a whole layer (a stage's zero-padded channels are part of the next
+        stage's layers), so per-channel figures measured at a layer are read through this. None
+        when the group does not reach the layer one channel each (not at all, or through a flatten)."""
+        if name not in self._groups:
+            raise InputError(f"prune: no prunable group {name!r} (groups: {self._names()})")
+        layer = dict(self.model.named_modules()).get(path)
+        items = [it for it in self._groups[name] if it.dep.target.module is layer]
+        items.sort(key=lambda it: not (self.dg.is_in_channel_pruning_fn(it.dep.handler)
+                                       and not self.dg.is_out_channel_pruning_fn(it.dep.handler)))
+        n = len(self._groups[name][0].idxs)
+        for it in items[:1]:
+            pairs = sorted(zip(it.root_idxs, it.idxs), key=lambda p: (p[0] is None, p[0] or 0))
+            if len(pairs) == n and [p[0] for p in pairs] == list(range(n)):
+                return [int(i) for _, i in pairs]
+        return None
+
     def _group_of(self, name: str, idxs: Sequence[int]):
-        dep = self._groups[name][0].dep
-        return self.dg.get_pruning_group(dep.target.module, dep.handler, sorted(int(i) for i in idxs))
+        """The torch-pruning group of channels ``idxs`` (positions 0..n-1) of group ``name``."""
+        dep, chans = self._groups[name][0].dep, self._roots[name]
+        return self.dg.get_pruning_group(dep.target.module, dep.handler, sorted(chans[int(i)] for i in idxs))
 
     def _probe(self) -> tuple[list[str], bool]:
         """Groups whose pruning torch-pruning gets wrong: pruning one channel must give the same
@@ -399,17 +441,86 @@ class StructuredPruner:
                 blocked.add(name)  # its next block does not fit; later blocks of it score lower
         return plan
 
+    def take_to_macs(self, scores: dict[str, torch.Tensor], plan: dict[str, list[int]], aim_macs: float,
+                     max_rounds: int = 256) -> dict[str, list[int]]:
+        """``plan`` with more channels removed, a block (``round_to`` channels) at a time, until
+        MACs are at or below ``aim_macs``: the way to the aim from above, for when the next
+        threshold up takes a block so expensive (a residual stage's ``round_to`` channels) that
+        giving channels back (:meth:`fill_to_macs`) cannot climb back near the aim. Each round
+        takes the lowest-scoring next block that leaves MACs above the aim; when every block
+        would cross it, the one that lands highest. Groups are never emptied."""
+        self._check_scores(scores)
+        plan = {k: sorted(int(i) for i in v) for k, v in plan.items() if len(v)}
+        r = self.round_to or 1
+        for _ in range(max_rounds):
+            if self.plan_macs(plan) <= aim_macs:
+                return plan
+            cands = []
+            for name in self._groups:
+                if name in self._excluded:
+                    continue
+                s = torch.as_tensor(scores[name], dtype=torch.float64).reshape(-1)
+                gone = set(plan.get(name, []))
+                left = [i for i in torch.sort(s, stable=True).indices.tolist() if i not in gone]
+                if len(left) <= r:  # a group keeps at least one block
+                    continue
+                take = left[:r]
+                cands.append((float(s[take].mean()), name, take))
+            if not cands:
+                break
+            crossing = []
+            for _, name, take in sorted(cands, key=lambda c: c[0]):
+                trial = {**plan, name: sorted(plan.get(name, []) + take)}
+                macs = self.plan_macs(trial)
+                if macs > aim_macs:
+                    plan = trial
+                    break
+                crossing.append((macs, trial))
+            else:
+                return max(crossing, key=lambda c: c[0])[1]
+        return plan
+
+    def plan_for_macs(self, scores: dict[str, torch.Tensor], aim_macs: float) -> tuple[float, dict[str, list[int]]]:
+        """(τ, plan) landing at or just below ``aim_macs``: the threshold plan of
+        :meth:`tau_for_macs` with channels given back (:meth:`fill_to_macs`), or the plan of the
+        next lower threshold with the lowest-scoring blocks taken away (:meth:`take_to_macs`),
+        whichever keeps more MACs."""
+        tau = self.tau_for_macs(scores, aim_macs)
+        below = self.fill_to_macs(scores, self.plan_below(scores, tau), aim_macs)
+        values = sorted({float(v) for sc in scores.values() for v in torch.as_tensor(sc).reshape(-1).tolist()
+                         if float(v) < tau})
+        if not values:
+            return tau, below
+        lower = self.plan_below(scores, values[-1])  # removes less: MACs above the aim
+        above = self.take_to_macs(scores, lower, aim_macs)
+        m_below, m_above = self.plan_macs(below), self.plan_macs(above)
+        if m_below >= m_above or m_above > aim_macs:
+            return tau, below
+        return tau, above
+
     # --- pruning --------------------------------------------------------------------------------
     def _prune(self, plan: dict[str, list[int]], record: bool) -> None:
+        """Prune the groups of ``plan`` one after the other. Groups may share a root layer (a
+        stage's channels and its zero-padded ones), so each group's root channels are renumbered
+        for the channels earlier groups of the plan removed from that layer."""
         for name, idxs in plan.items():
             if name not in self._groups:
                 raise InputError(f"prune: no prunable group {name!r} (groups: {self._names()})")
             n = len(self._groups[name][0].idxs)
-            if not idxs:
-                continue
-            if len(set(idxs)) >= n or min(idxs) < 0 or max(idxs) >= n:
+            if idxs and (len(set(idxs)) >= n or min(idxs) < 0 or max(idxs) >= n):
                 raise InputError(f"prune: plan for group {name!r} must remove some, not all, of its {n} channels")
-            self._group_of(name, idxs).prune(record_history=record)
+        roots = {name: self._groups[name][0].dep for name, idxs in plan.items() if idxs}
+        alive = {dep.target.module: list(range(self.dg.get_out_channels(dep.target.module))) for dep in roots.values()}
+        for name, dep in roots.items():
+            layer, chans = dep.target.module, self._roots[name]
+            now = alive[layer]
+            group = self.dg.get_pruning_group(layer, dep.handler, sorted(now.index(chans[int(i)]) for i in plan[name]))
+            for item in group:
+                if item.dep.target.module in alive and self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                    gone = set(item.idxs)
+                    kept = alive[item.dep.target.module]
+                    kept[:] = [c for k, c in enumerate(kept) if k not in gone]
+            group.prune(record_history=record)
 
     def _check_forward(self) -> None:
         with eval_mode(self.model), torch.no_grad():
@@ -478,6 +589,81 @@ class StructuredPruner:
         return [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in self.dg.pruning_history()]
 
 
+def _partition_groups(dg: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> list[tuple[str, nn.Module, list[int]]]:
+    """The prunable groups of ``dg`` as ``(name, root layer, root output channels)``.
+
+    Torch-pruning's ``get_all_groups`` builds one group per root layer not yet seen, with all of
+    its channels, and counts a layer as seen once any group prunes any of its output channels.
+    Through a coupling that maps channels (the zero-padding shortcut: stage channel ``c`` is
+    channel ``c + pad`` of the next stage), a layer's channels need not share one group: the
+    first group found (the stage's) covers some channels of the next stage's layers, whose other
+    channels (the padding) would then belong to no group. Here coverage is counted per channel,
+    and the channels a root layer leaves uncovered are split by the set of layers each reaches
+    (its *coupling*); channels with the same coupling form a group. Each group is named after
+    the layer of its coupling (conv/linear, not ignored) that takes part in the fewest groups,
+    the first traced among equals: without such couplings, exactly torch-pruning's groups,
+    names and order. A group reaching an ignored layer is not prunable, as in torch-pruning."""
+    ignored_set = set(ignored) | set(dg.IGNORED_LAYERS_IN_TRACING)
+    order = {m: k for k, m in enumerate(dg.module2node)}
+    covered: set[tuple[int, int]] = set()
+    classes: list[tuple[frozenset, nn.Module, list[int], object]] = []  # coupling, root, channels, its group
+    for m in list(dg.module2node):
+        if not isinstance(m, ROOT_TYPES) or m in ignored_set:
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        n = pruner.get_out_channels(m) if pruner is not None else None
+        if n is None:
+            continue
+        free = [c for c in range(n) if (id(m), c) not in covered]
+        if not free:
+            continue
+        group = dg.get_pruning_group(m, pruner.prune_out_channels, free)
+        reach: dict[int, set] = {c: set() for c in free}
+        for item in group:
+            if not dg.is_out_channel_pruning_fn(item.dep.handler):
+                continue
+            layer = item.dep.target.module
+            for idx, r in zip(item.idxs, item.root_idxs):
+                covered.add((id(layer), idx))
+                if r in reach:
+                    reach[r].add(layer)
+        by_coupling: dict[frozenset, list[int]] = {}
+        for c in free:
+            by_coupling.setdefault(frozenset(reach[c]), []).append(c)
+        for coupling, chans in by_coupling.items():
+            classes.append((coupling, m, chans, group))
+    share: dict[nn.Module, int] = {}
+    for coupling, *_ in classes:
+        for layer in coupling:
+            share[layer] = share.get(layer, 0) + 1
+    out: dict[nn.Module, list[int]] = {}
+    for coupling, m, chans, group in classes:
+        if any(layer in ignored_set for layer in coupling):
+            continue
+        cands = sorted((layer for layer in coupling if isinstance(layer, ROOT_TYPES) and layer not in out
+                        and layer in order), key=lambda layer: (share[layer], order[layer]))
+        root, root_chans = m, chans
+        for cand in cands:
+            if cand is m:
+                break
+            mapped = _channels_at(dg, group, cand, set(chans))
+            if mapped is not None and len(mapped) == len(chans):
+                root, root_chans = cand, mapped
+                break
+        # a layer names one group: channels left without a layer of their own join the group of
+        # the layer they were found from (mixed couplings, as torch-pruning's groups would have)
+        out[root] = sorted(out.get(root, []) + list(root_chans))
+    return [(dg._module2name[root], root, chans) for root, chans in out.items()]
+
+
+def _channels_at(dg: tp.DependencyGraph, group, layer: nn.Module, roots: set) -> list[int] | None:
+    """The output channels of ``layer`` that ``group``'s root channels ``roots`` prune."""
+    for item in group:
+        if item.dep.target.module is layer and dg.is_out_channel_pruning_fn(item.dep.handler):
+            return sorted({idx for idx, r in zip(item.idxs, item.root_idxs) if r in roots})
+    return None
+
+
 def _zero_producers(dg: tp.DependencyGraph, group) -> None:
     """Replace the parameters producing the group's channels with copies whose slices for those
     channels are zero (the originals are untouched, so a snapshot restores them)."""
@@ -516,6 +702,8 @@ def replay_history(model: nn.Module, example: torch.Tensor, history: list) -> No
     """Rebuild a pruned structure on a freshly built ``model`` by replaying ``history`` (entries
     ``[module path, is_out_channel, indices]``, as :meth:`StructuredPruner.history` writes them,
     concatenated in order) with torch-pruning's ``DependencyGraph.load_pruning_history``.
+    Zero-padding shortcuts are first replaced as :class:`StructuredPruner` replaces them (the
+    same probe, deterministic), so that the history prunes the same couplings.
     Weights are whatever the fresh model had; load the pruned state dict afterwards."""
     if not history:
         return
@@ -526,9 +714,9 @@ def replay_history(model: nn.Module, example: torch.Tensor, history: list) -> No
             entries.append((str(name), bool(is_out), [int(j) for j in idxs]))
         except (TypeError, ValueError):
             raise ModelError(f"pruning history entry {i}: expected [module path, is_out_channel, [indices]], got {entry!r}") from None
+    replace_channel_pad_shortcuts(model, example)  # as StructuredPruner did before pruning
     modules = dict(model.named_modules())
-    with eval_mode(model), grads_enabled(model):
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    dg = build_graph(model, example)
     for i, entry in enumerate(entries):
         if entry[0] not in modules:
             raise ModelError(f"pruning history entry {i}: no module {entry[0]!r} in the model")
