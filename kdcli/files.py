@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+
+from kdcli.errors import InputError
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,6 @@ def _atomic_write(path: Path, write) -> None:
 def check_writable_dir(path: Path, flag: str) -> None:
     """Create the directory ``path`` if needed and check that files can be written in it, before
     any long work starts; :class:`kdcli.errors.InputError` naming ``flag`` otherwise."""
-    from kdcli.errors import InputError
 
     path = Path(path)
     if path.exists() and not path.is_dir():

@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
+from kdcli import __version__
 from kdcli.config.data import SOURCE_KINDS, DataSpec, PythonSource
 from kdcli.config.importance import ImportanceName
 from kdcli.config.ensembles import ENSEMBLE_KINDS, DiversifiedSpec, SpecialistsSpec
@@ -671,7 +672,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def recipe_json_schema() -> dict:
     """The JSON Schema (draft 2020-12) of a recipe, from the pydantic models: what ``kdcli recipe
     schema`` prints, for editors (e.g. ``# yaml-language-server: $schema=recipe.schema.json``)."""
-    from kdcli import __version__
 
     schema = Recipe.model_json_schema(by_alias=True, mode="validation")
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",

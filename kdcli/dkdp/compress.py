@@ -42,6 +42,7 @@ from kdcli.config.importance import NEEDS_DATA
 from kdcli.config.losses import CE, KD
 from kdcli.config.recipe import Recipe
 from kdcli.console import Reporter
+from kdcli.analyze.granularity import GranularityMap
 from kdcli.data.loader import memorised_warning, DataBundle, load_data
 from kdcli.distill.distil import distil
 from kdcli.dkdp.run import RunDir, RunLock, StepRecord, resume_recipe, start_run
@@ -51,6 +52,7 @@ from kdcli.models import absolute_spec, build_model
 from kdcli.models.file import ModelInfo, data_metadata, export_info, load_model_any, recipe_models, save_model
 from kdcli.models.utils import is_main_process
 from kdcli.prune.pruner import StructuredPruner, count_macs_params
+from kdcli.reports.compress import write_compress_report
 from kdcli.train.loop import evaluate, tensor_batches
 from kdcli.train.teacher import obtain_teacher
 
@@ -395,8 +397,6 @@ class Loop:
             result.gate_failures = failures + gate_failures
         ctx.rd.write_json("result.json", result.to_json())
         if is_main_process():
-            from kdcli.reports.compress import write_compress_report  # the report pulls in the charts
-
             write_compress_report(result, ctx.rd.path)
         return result
 
@@ -495,8 +495,6 @@ def _export(ctx: Context, student: nn.Module, sinfo: ModelInfo) -> tuple[dict, l
 def _granularity(recipe: Recipe):
     if not recipe.distill.granularity:
         return None
-    from kdcli.analyze.granularity import GranularityMap
-
     return GranularityMap.load(recipe.resolve(recipe.distill.granularity))
 
 
@@ -564,7 +562,7 @@ def _last_val(history: list, student, val, device) -> float:
 
 def _latency_ms(student, data) -> float:
     """Median onnxruntime latency at batch 1 (for latency targets)."""
-    from kdcli.export.latency import measure_latency
+    from kdcli.export.latency import measure_latency  # onnx and onnxruntime load only when measured
     from kdcli.export.onnx import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,22 +14,28 @@ import copy
 import json
 import logging
 import os
+import platform
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import torch
 import torch.nn as nn
 
+import kdcli
+from kdcli.console import Reporter
 from kdcli.errors import ExportError, InputError
-from kdcli.prune.pruner import count_macs_params
+from kdcli.export.latency import (available_providers, default_threads, make_session, measure_latency,
+                                  measure_torch_latency)
 from kdcli.files import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from kdcli.reports.models import ExportReport
+from kdcli.prune.pruner import count_macs_params
+from kdcli.reports.export import write_reports
+from kdcli.reports.gates import check_gates, parse_gate
+from kdcli.reports.models import PRIMARY_PROVIDER, REPORT_NAME, REPORT_VERSION, ExportReport
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -50,7 +56,6 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     ``onnx.checker``. Returns ``{"path", "exporter", "opset", "size_bytes", "external_data", "notes"}``.
     Raises ExportError when neither exporter can handle the model.
     """
-    import onnx
 
     path = Path(path)
     if not isinstance(opset, int) or not 7 <= opset <= onnx.defs.onnx_opset_version():
@@ -139,7 +144,6 @@ def _quiet():
 def _quiet_stderr_fd():
     """Redirect file descriptor 2 for the duration: on failure, both exporters dump graphs there
     (torch.export through loggers that ignore their parents' level, TorchScript from C++)."""
-    import sys
 
     try:
         fd = os.dup(2)
@@ -167,7 +171,6 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int):
 
 
 def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int, where: Path):
-    import onnx
 
     where.mkdir(parents=True, exist_ok=True)
     with _quiet(), _quiet_stderr_fd(), tempfile.TemporaryDirectory(dir=where, prefix=".export-") as tmp:
@@ -181,7 +184,6 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int, whe
 
 def _save(proto, path: Path, large: bool) -> None:
     """Check and write ``proto`` to ``path`` atomically (weights to ``path.data`` when ``large``)."""
-    import onnx
 
     try:
         if not large:
@@ -212,7 +214,6 @@ def onnx_size(path: str | Path) -> int:
 
 def onnx_metadata(path: str | Path) -> dict:
     """The model's ``metadata_props`` decoded from JSON (values that are not JSON stay strings)."""
-    import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
     out = {}
@@ -255,7 +256,6 @@ def verify_onnx(path: str | Path, model: nn.Module, x: torch.Tensor | None = Non
     ``2·atol`` is a tie and counted in ``top1_ties`` instead). Raises ExportError otherwise.
     Returns ``{"max_abs_diff", "top1_agreement", "top1_ties", "samples", "inputs", "atol"}``.
     """
-    from kdcli.export.latency import make_session
 
     inputs = "data"
     if x is None or len(x) == 0:
@@ -303,7 +303,6 @@ def _first_line(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------ the export pipeline
 
 def _model_metadata(info: dict, role: str) -> dict:
-    import kdcli
 
     keys = ("name", "num_classes", "mean", "std", "scale", "class_names")
     meta = {k: info.get(k) for k in keys if info.get(k) is not None}
@@ -312,11 +311,8 @@ def _model_metadata(info: dict, role: str) -> dict:
 
 
 def _environment() -> dict:
-    import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    import kdcli
-    from kdcli.export.latency import default_threads
 
     env = {"kdcli": kdcli.__version__, "python": platform.python_version()}
     for pkg in ("torch", "torch-pruning", "onnx", "onnxruntime"):
@@ -344,11 +340,6 @@ def export_report(student: nn.Module, info: dict, out_dir: str | Path, *, teache
     """
     from datetime import datetime, timezone
 
-    from kdcli.console import Reporter
-    from kdcli.export.latency import available_providers, measure_latency, measure_torch_latency
-    from kdcli.reports.export import write_reports
-    from kdcli.reports.gates import check_gates, parse_gate
-    from kdcli.reports.models import PRIMARY_PROVIDER, REPORT_NAME, REPORT_VERSION, ExportReport
 
     gates = list(gates or [])
     for g in gates:  # a typo in a gate should fail before minutes of measuring, not after
@@ -387,7 +378,6 @@ def export_report(student: nn.Module, info: dict, out_dir: str | Path, *, teache
 
     accuracy = None
     if have_data and y_eval is not None:
-        from kdcli.export.latency import make_session
 
         reporter.info(f"export: accuracy on {len(x_eval):,} samples")
         y = y_eval.detach().cpu().numpy()

@@ -12,6 +12,9 @@ import io
 from pathlib import Path
 
 from kdcli.console import Reporter
+from kdcli.files import atomic_write_json, atomic_write_text
+from kdcli.reports.analysis_model import check_analysis
+from kdcli.reports.charts import bar_chart, heatmap, histogram, html_page, html_table, line_chart
 from kdcli.reports.format import pct
 
 # ----------------------------------------------------------------------------- outputs
@@ -34,8 +37,6 @@ def write_outputs(result: dict, out_dir: Path, granularity=None) -> list[Path]:
 
     The result is first validated through :class:`kdcli.reports.analysis_model.AnalysisReport`
     (ReportShapeError naming the field, and nothing written, when it does not match)."""
-    from kdcli.files import atomic_write_json, atomic_write_text
-    from kdcli.reports.analysis_model import check_analysis
 
     out_dir = Path(out_dir)
     scan = result.get("pruning_sensitivity") is not None
@@ -170,7 +171,6 @@ _HEATMAP_MAX_CLASSES = 40  # beyond this a K×K heatmap is unreadable and heavy;
 def _clusters_html(c: dict | None) -> list[str]:
     """The "Confusable classes" section: the subsets and the class correlation heatmap, its rows
     and columns ordered by subset so that confusable classes form blocks on the diagonal."""
-    from kdcli.reports.charts import heatmap, html_table
 
     if not c:
         return []
@@ -195,7 +195,6 @@ def report_html(result: dict) -> str:
     summary, MACs and parameters per layer, pruning-sensitivity curves and suggested ratios,
     importance histograms, the critical-feature map, PCA explained-variance curves and (with
     clusters) the confusable class subsets with their correlation heatmap."""
-    from kdcli.reports.charts import bar_chart, heatmap, histogram, html_page, html_table, line_chart
 
     m, tables = result["model"], detail_tables(result)
     parts = ["<h2>Summary</h2>", html_table(["figure", "value"], summary_rows(result))]

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kdcli.errors import InputError
+from kdcli.files import _json_default  # the conversions of atomic_write_json
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -100,7 +101,6 @@ class ReportShapeError(RuntimeError):
 def check_written(model: type[M], obj: Any, file_name: str) -> M:
     """``obj`` validated as ``model`` as it would read back from the JSON file (tuples become
     lists, paths strings, numpy scalars numbers); ReportShapeError naming the field otherwise."""
-    from kdcli.files import _json_default  # the conversions of atomic_write_json
 
     try:
         return model.model_validate(json.loads(json.dumps(obj, default=_json_default)))

@@ -12,6 +12,7 @@ import html
 from pathlib import Path
 
 from kdcli.files import atomic_write_json, atomic_write_text
+from kdcli.reports.charts import heatmap, html_page, html_table, line_chart
 from kdcli.reports.compress_model import SCHEMA_URI, SCHEMA_VERSION, check_compress_report
 from kdcli.reports.format import binary_size, integer, ms, pct, ratio
 
@@ -131,7 +132,6 @@ def _lambda_kind(lam: dict) -> str:
 
 def render_html(result) -> str:
     """The report as one self-contained HTML page with the accuracy-against-MACs chart."""
-    from kdcli.reports.charts import heatmap, html_page, html_table, line_chart
 
     t = result.teacher
     teacher_pt = [(1.0, 100 * t["val_accuracy"])]

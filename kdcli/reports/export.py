@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdcli.files import atomic_write_json, atomic_write_text
+from kdcli.reports.charts import html_page, html_table, line_chart
 from kdcli.reports.format import DASH, count, mb, ms, pct, per_second, ratio, sci
 from kdcli.reports.models import ExportReport, LatencyStats
 
@@ -115,7 +116,6 @@ def render_html(report: ExportReport) -> str:
     """``report.html``: self-contained (inline CSS and SVG charts, nothing loaded from the network)."""
     import html
 
-    from kdcli.reports.charts import html_page, html_table, line_chart
 
     lat = report.latency
     provider = lat.primary_provider
