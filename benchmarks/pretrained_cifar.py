@@ -107,7 +107,7 @@ MACS_TOLERANCE = 0.02  # the baseline's MACs should land within 2 % of the targe
 
 BUDGETS = {
     # A ~2 h budget on 2 cores (see the module docstring for the timings it rests on).
-    "cpu": {"limit_train": 3000, "epochs_per_step": 1, "steps": 2, "final_epochs": 12, "max_retries": 1,
+    "cpu": {"limit_train": 3000, "epochs_per_step": 1, "steps": 2, "final_epochs": 12, "max_retries": 0,
             "batch_size": 128, "lr": 0.02, "weight_decay": 1e-4, "jobs": 2, "latency_budget_s": 3.0,
             "estimate": "about 1.5-2 h on an otherwise idle 2-core machine with --jobs 2 --threads 1 "
                         "(about twice that with --jobs 1)",
@@ -154,6 +154,7 @@ distill:
   train: {{epochs: {b['epochs_per_step']}, lr: {b['lr']}, weight_decay: {b['weight_decay']}}}
 prune:
   importance: {cfg['importance']}
+  allocation: {cfg['allocation']}
   steps: {b['steps']}
   max_retries: {b['max_retries']}
   round_to: {cfg['round_to']}
@@ -594,8 +595,10 @@ def main() -> None:
                                                             "(1: on a shared 2-core machine 2 threads were slower)")
     ap.add_argument("--jobs", type=int, default=None, help="cells run at once, each in its own process "
                                                            "(default: 2 for the CPU budget, else 1)")
-    ap.add_argument("--importance", default="activation",
-                    help="kdcli's prune.importance (default activation; see the docstring for why not taylor)")
+    ap.add_argument("--importance", default="magnitude",
+                    help="kdcli's prune.importance (default magnitude; see the docstring for why)")
+    ap.add_argument("--allocation", default="uniform", choices=["uniform", "global"],
+                    help="kdcli's prune.allocation (default uniform; see the docstring for why)")
     ap.add_argument("--round-to", type=int, default=8, help="round_to of both sides")
     ap.add_argument("--baseline-scope", choices=["auto", "uniform", "global"], default="auto",
                     help="Torch-Pruning's ratio scope (auto: uniform, then global; one step(), then iterative_steps "
@@ -620,7 +623,7 @@ def main() -> None:
     targets, seeds = parse_list(args.targets, float), parse_list(args.seeds, int)
     jobs = args.jobs or budget["jobs"]
     threads = setup_threads(args.threads)
-    settings = {"version": VERSION, "budget": {k: budget[k] for k in PLAN_KEYS}, "importance": args.importance,
+    settings = {"version": VERSION, "budget": {k: budget[k] for k in PLAN_KEYS}, "importance": args.importance, "allocation": args.allocation,
                 "round_to": args.round_to, "baseline_scope": args.baseline_scope, "device": device, "set": args.set}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache_dir = (args.cache_dir or CACHE_DIR / f"pretrained_cifar-{budget_name}-{key}").resolve()
@@ -704,7 +707,7 @@ def main() -> None:
                    "estimate": budget["estimate"],
                    **({"timings": budget["timings"]} if "timings" in budget else {})},
         "settings": {"models": models, "targets": targets, "seeds": seeds, "device": device,
-                     "kdcli": {"importance": args.importance, "round_to": args.round_to,
+                     "kdcli": {"importance": args.importance, "allocation": args.allocation, "round_to": args.round_to,
                                "losses": "kd T=4 w0.9 + ce w0.1", "max_accuracy_drop": 0.015, "set": args.set},
                      "baseline": {"pruner": "tp.pruner.MagnitudePruner, MagnitudeImportance(p=2), all pruning "
                                             "before training (one step(), or iterative_steps 4 at once where one "

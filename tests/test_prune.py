@@ -437,3 +437,25 @@ def test_plan_for_macs_lands_near_the_aim_when_one_block_is_expensive():
     assert p.plan_macs(plan) <= aim
     assert p.plan_macs(plan) >= p.plan_macs(filled)
     assert p.plan_macs(plan) > 0.9 * total  # just under the aim, not a 0.5x cut of the first conv
+
+
+def test_plan_uniform_removes_the_same_fraction_of_every_group_lowest_scores_first():
+    from torch import nn
+
+    from kdcli.prune.pruner import StructuredPruner, count_macs_params
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    ex = torch.zeros(1, 3, 16, 16)
+    p = StructuredPruner(model, ex)
+    total = count_macs_params(model, ex)[0]
+    # group "0" scores far below group "2": a global threshold would empty "0" first
+    scores = {"0": torch.arange(32, dtype=torch.float64) * 0.01, "2": 10 + torch.arange(32, dtype=torch.float64)}
+    ratio, plan = p.plan_uniform(scores, 0.5 * total)
+    assert p.plan_macs(plan) <= 0.5 * total
+    assert abs(len(plan["0"]) - len(plan["2"])) <= 2  # the same fraction, give or take the landing
+    assert plan["2"] == list(range(len(plan["2"])))  # lowest scores first within the group
+    assert 0.2 < ratio < 0.5
+    _, glob = p.plan_for_macs(scores, 0.5 * total)
+    assert len(glob.get("0", [])) > len(glob.get("2", []))  # the global plan does favour one group

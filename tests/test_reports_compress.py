@@ -9,8 +9,8 @@ import re
 
 
 from kdcli.dkdp.compress import CompressResult
-from kdcli.reports.compress import (SCHEMA_URI, SCHEMA_VERSION, render_html, render_markdown, summary_table,
-                                   write_compress_report)
+from kdcli.reports.compress import (SCHEMA_URI, SCHEMA_VERSION, render_html, render_markdown, summary_rows,
+                                    summary_table, write_compress_report)
 from kdcli.reports.compress_model import load_compress_report
 
 TEACHER = {"model": "mlp", "macs": 85514, "params": 85002, "val_accuracy": 0.98, "test_accuracy": 0.9}
@@ -257,3 +257,16 @@ def test_the_reports_say_which_data_judged_what_and_which_steps_were_forced(tmp_
     back = load_compress_report(tmp_path / "compress_report.json")
     assert back.data.splits["val"].startswith("500 of") and back.steps[2].forced.startswith("the target forced")
     assert "<h2>Data</h2>" in (tmp_path / "compress_report.html").read_text()
+
+
+def test_the_speed_up_is_shown_next_to_the_macs_ratio_and_a_slower_student_is_warned_about(tmp_path):
+    export = {"latency": {"primary_provider": "CPUExecutionProvider",
+                          "speedup": {"CPUExecutionProvider": {"1": 1.8, "64": 0.92}}}}
+    res = _result(tmp_path, export=export)
+    row = next(r for r in summary_rows(res) if r[0] == "speed-up (teacher / student)")
+    assert row[2].startswith("1.80× @1, 0.92× @64") and "MACs 0.300×" in row[2]
+    md = render_markdown(res)
+    assert "warning: the student is SLOWER than the teacher in onnxruntime at batch 64 (0.92×)" in md
+    fast = _result(tmp_path, export={"latency": {"primary_provider": "CPUExecutionProvider",
+                                                 "speedup": {"CPUExecutionProvider": {"1": 1.8, "64": 1.4}}}})
+    assert "SLOWER" not in render_markdown(fast)

@@ -134,6 +134,9 @@ class PruneSpec(Strict):
     max_retries: int = Field(2, ge=0, le=10)
     # after an undone step the schedule grows (smaller steps) up to max_steps (default 3 x steps)
     max_steps: int | None = Field(None, ge=1, le=300)
+    # how a step's cut is spread over the groups: below one threshold τ on the group-normalised
+    # scores (global), or the same fraction of every group (uniform; then τ is that fraction)
+    allocation: Literal["global", "uniform"] = "global"
     # a step may cost step_tolerance x target.max_accuracy_drop before later distillation recovers it
     step_tolerance: float = Field(2.0, ge=1, le=100)
     round_to: int | None = Field(None, ge=1, le=1024)

@@ -528,7 +528,9 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
         ratios = _suggested_ratios(recipe.resolve(recipe.prune.ratios_from))
         pruner.prune_ratios(ratios, scores)
         return None, pruner.history()
-    if failed_macs is None:  # land on the aim, not below it: one τ moves in coarse steps
+    if recipe.prune.allocation == "uniform":
+        tau, plan = pruner.plan_uniform(scores, aim_macs)
+    elif failed_macs is None:  # land on the aim, not below it: one τ moves in coarse steps
         tau, plan = pruner.plan_for_macs(scores, aim_macs)
     else:
         tau = pruner.tau_for_macs(scores, aim_macs)

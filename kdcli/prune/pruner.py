@@ -498,6 +498,28 @@ class StructuredPruner:
             return tau, below
         return tau, above
 
+    def plan_uniform(self, scores: dict[str, torch.Tensor], aim_macs: float) -> tuple[float, dict[str, list[int]]]:
+        """(ratio, plan): the same fraction of every prunable group's channels removed, lowest
+        scores first (Torch-Pruning's default, "local" pruning; Li et al. 2017 prune each layer
+        alike), the smallest ratio whose plan reaches ``aim_macs`` (bisection), then channels given
+        back or taken away to land just under the aim (:meth:`fill_to_macs`, :meth:`take_to_macs`).
+        Scores only rank channels within their group, so no normalisation across groups matters."""
+        names = [g for g in self._groups if g not in self._excluded]
+        lo, hi = 0.0, 0.99
+        if self.plan_macs(self.plan_ratios({g: hi for g in names}, scores)) > aim_macs:
+            plan = self.plan_ratios({g: hi for g in names}, scores)
+            return hi, self.take_to_macs(scores, plan, aim_macs)
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            if self.plan_macs(self.plan_ratios({g: mid for g in names}, scores)) <= aim_macs:
+                hi = mid
+            else:
+                lo = mid
+        below = self.fill_to_macs(scores, self.plan_ratios({g: hi for g in names}, scores), aim_macs)
+        above = self.take_to_macs(scores, self.plan_ratios({g: lo for g in names}, scores), aim_macs)
+        m_below, m_above = self.plan_macs(below), self.plan_macs(above)
+        return hi, (above if m_below < m_above <= aim_macs else below)
+
     # --- pruning --------------------------------------------------------------------------------
     def _prune(self, plan: dict[str, list[int]], record: bool) -> None:
         """Prune the groups of ``plan`` one after the other. Groups may share a root layer (a

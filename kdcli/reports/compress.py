@@ -40,6 +40,24 @@ def _latency_text(side: dict) -> str:
     return ", ".join(parts) or "–"
 
 
+def speedups(result) -> dict[int, float]:
+    """Teacher / student median onnxruntime latency per batch size (the export report's primary
+    provider); {} without an export."""
+    lat = (result.export or {}).get("latency") or {}
+    table = (lat.get("speedup") or {}).get(lat.get("primary_provider"), {})
+    return {int(bs): float(v) for bs, v in sorted(table.items(), key=lambda kv: int(kv[0]))}
+
+
+def slower_warning(result) -> str | None:
+    """A line naming the batch sizes at which the student ran slower than its teacher, or None."""
+    slow = {bs: v for bs, v in speedups(result).items() if v < 1.0}
+    if not slow:
+        return None
+    return ("the student is SLOWER than the teacher in onnxruntime at batch " +
+            ", ".join(f"{bs} ({ratio(v, 2)})" for bs, v in slow.items()) +
+            " despite its MACs ratio; set prune.round_to (e.g. 8) for hardware-friendly widths")
+
+
 def summary_rows(result) -> list[tuple[str, str, str]]:
     """(what, teacher, student) rows of the summary shown in the terminal and the reports."""
     t, s = result.teacher, result.student
@@ -55,6 +73,11 @@ def summary_rows(result) -> list[tuple[str, str, str]]:
     if te or se:
         rows.append(("ONNX file", binary_size(te.get("onnx_bytes")), binary_size(se.get("onnx_bytes"))))
         rows.append(("latency (onnxruntime)", _latency_text(te), _latency_text(se)))
+    sp = speedups(result)
+    if sp:
+        rows.append(("speed-up (teacher / student)", ratio(1.0, 2),
+                     ", ".join(f"{ratio(v, 2)} @{bs}" for bs, v in sp.items())
+                     + f" (MACs {ratio(s.get('macs_ratio', 0))})"))
     return rows
 
 
@@ -65,6 +88,9 @@ def data_lines(result) -> list[str]:
     if d.get("normalization"):
         lines.append(f"normalisation: {d['normalization']}")
     lines += [f"warning: {w}" for w in d.get("warnings", [])]
+    slow = slower_warning(result)
+    if slow:
+        lines.append(f"warning: {slow}")
     forced = [r for r in result.steps if r.get("forced")]
     lines += [f"warning: step {r['step']}: {r['forced']}" for r in forced]
     return lines
@@ -77,7 +103,8 @@ def summary_table(result):
 
     # Text, not markup: model specs and gate messages are the user's strings ("m[v2].py", "[/ms]")
     verdict = "target met" if result.target_met and not result.gate_failures else "; ".join(result.gate_failures)
-    table = Table(title="kdcli compress", caption=Text(verdict))
+    slow = slower_warning(result)
+    table = Table(title="kdcli compress", caption=Text(verdict + (f"\nwarning: {slow}" if slow else "")))
     table.add_column("")
     table.add_column("teacher", justify="right")
     table.add_column("student", justify="right")
