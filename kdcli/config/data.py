@@ -53,6 +53,13 @@ class Cifar10BinSource(_Strict):
 _MAX_SIDE = 8192  # pixels of a resized image side: an 8k x 8k x 3 uint8 image is 200 MB
 
 
+def _check_size(v):
+    """An image size [H, W] within [1, _MAX_SIDE], or None."""
+    if v is not None and not all(1 <= s <= _MAX_SIDE for s in v):
+        raise ValueError(f"size must be two integers [H, W] in [1, {_MAX_SIDE}] (got {list(v)})")
+    return v
+
+
 @_source
 class ImageFolderSource(_Strict):
     """One sub-folder per class (or ``train/`` and ``test/`` folders of those); ``size`` resizes."""
@@ -64,10 +71,8 @@ class ImageFolderSource(_Strict):
 
     @field_validator("size")
     @classmethod
-    def _positive(cls, v):
-        if v is not None and not all(1 <= s <= _MAX_SIDE for s in v):
-            raise ValueError(f"size must be two integers [H, W] in [1, {_MAX_SIDE}] (got {list(v)})")
-        return v
+    def _size(cls, v):
+        return _check_size(v)
 
 
 @_source
@@ -159,10 +164,8 @@ class InputAdapt(_Strict):
 
     @field_validator("size")
     @classmethod
-    def _positive(cls, v):
-        if v is not None and not all(1 <= s <= _MAX_SIDE for s in v):
-            raise ValueError(f"size must be two integers [H, W] in [1, {_MAX_SIDE}] (got {list(v)})")
-        return v
+    def _size(cls, v):
+        return _check_size(v)
 
     @property
     def active(self) -> bool:
