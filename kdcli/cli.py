@@ -493,10 +493,14 @@ def _analysis_data(rec, data_flag: Optional[str], flags: dict):
         raise InputError(f"--data {data_flag!r}: expected digits or KIND:PATH with KIND one of "
                          "idx, cifar10-bin, tensors, image-folder") from None
     spec = {"source": source, **_data_flags(flags)}
+    from pydantic import ValidationError
+
+    from kdcli.reports.base import error_line
+
     try:
         parsed = DataSpec.model_validate(spec)
-    except Exception as exc:
-        raise InputError(f"--data options: {_first_error(exc)}") from None
+    except ValidationError as exc:
+        raise InputError(f"--data options: {error_line(exc)}") from None
     # --data names a checkpoint's data: it has usually trained on the training split, so by
     # default half of the held-out split judges it (held_out=True), as in a recipe with a checkpoint
     return load_data(parsed, base_dir=Path.cwd(), seed=rec.seed if rec is not None else 0, held_out=True)
@@ -544,14 +548,6 @@ def _data_flags(flags: dict) -> dict:
     if adapt:
         out["input"] = adapt
     return out
-
-
-def _first_error(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        e = errors()[0]
-        return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-    return str(exc)
 
 
 def main() -> None:

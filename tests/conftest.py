@@ -27,3 +27,19 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def randomise_bn(model, bias_low: float = -0.5) -> None:
+    """Non-trivial BatchNorm affine parameters and statistics (fresh ones are the identity), seeded;
+    biases in [bias_low, bias_low + 1)."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) + 0.5
+            m.bias.data = torch.rand(n, generator=g) + bias_low
+            m.running_mean = torch.rand(n, generator=g) - 0.5
+            m.running_var = torch.rand(n, generator=g) + 0.5

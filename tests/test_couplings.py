@@ -15,6 +15,7 @@ from kdcli.models.file import load_model_file, save_model_file
 from kdcli.prune.couplings import (ChannelPadPruner, ChannelPadShortcut, find_channel_pad_shortcuts,
                                    replace_channel_pad_shortcuts)
 from kdcli.prune.pruner import StructuredPruner, count_macs_params, replay_history
+from conftest import randomise_bn
 
 PRETRAINED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrained"
 SHAPE = (3, 16, 16)
@@ -75,17 +76,6 @@ class LambdaResNet(nn.Module):
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.avg_pool2d(out, out.size()[3])
         return self.linear(out.view(out.size(0), -1))
-
-
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.rand(n, generator=g) - 0.2
-            m.running_mean = torch.rand(n, generator=g) - 0.5
-            m.running_var = torch.rand(n, generator=g) + 0.5
 
 
 def _zoo():
@@ -222,7 +212,7 @@ def test_removing_dead_residual_channels_keeps_the_outputs(kind):
     removing them through all three residual groups at once changes no output, and each
     shortcut loses exactly the right channels on the right side."""
     model = MODELS[kind]()
-    _randomise_bn(model)
+    randomise_bn(model, bias_low=-0.2)
     w, p2, p3 = 8, 4, 8
     stage = {1: [(model.bn1, model.conv1)] + [(b.bn2, b.conv2) for b in _blocks(model, 1)],
              2: [(b.bn2, b.conv2) for b in _blocks(model, 2)], 3: [(b.bn2, b.conv2) for b in _blocks(model, 3)]}
@@ -275,7 +265,7 @@ def _check_widths(model):
 @pytest.mark.parametrize("kind", MODELS)
 def test_random_plans_prune_forward_count_macs_and_replay(kind, tmp_path):
     model = MODELS[kind]()
-    _randomise_bn(model)
+    randomise_bn(model, bias_low=-0.2)
     history = []
     for step in range(2):  # two pruners one after the other, as compress does
         p = StructuredPruner(model, EX)
@@ -301,7 +291,7 @@ def test_random_plans_prune_forward_count_macs_and_replay(kind, tmp_path):
 
 def test_trial_restores_shortcuts_and_outputs():
     model = _zoo()
-    _randomise_bn(model)
+    randomise_bn(model, bias_low=-0.2)
     x = _x()
     p = StructuredPruner(model, EX)
     ref = model(x)
@@ -316,7 +306,7 @@ def test_pruned_lambda_resnet_exports_to_onnx_and_matches_onnxruntime(tmp_path):
     from kdcli.export.onnx import export_onnx, verify_onnx
 
     model = _lambda()
-    _randomise_bn(model)
+    randomise_bn(model, bias_low=-0.2)
     p = StructuredPruner(model, EX)
     p.apply(_random_plan(p, seed=7))
     export_onnx(model, EX, tmp_path / "m.onnx")
@@ -344,7 +334,7 @@ class _Shuffled(nn.Module):
 def test_an_unknown_coupling_is_still_kept_out_with_one_note():
     torch.manual_seed(0)
     model = _Shuffled().eval()
-    _randomise_bn(model)
+    randomise_bn(model, bias_low=-0.2)
     p = StructuredPruner(model, EX)
     assert isinstance(model.shuffle, LambdaLayer)  # not a zero-padding shortcut: left alone
     assert p.notes == ["1 group kept out of pruning: couplings torch-pruning does not understand (a); "

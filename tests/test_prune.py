@@ -13,24 +13,13 @@ from kdcli.models.file import load_model_file, save_model_file
 from kdcli.errors import InputError, ModelError
 from kdcli.models import build_model
 from kdcli.prune.pruner import StructuredPruner, count_macs_params, replay_history
+from conftest import randomise_bn
 
 
 def _build(name, shape, **args):
     torch.manual_seed(0)
     model = build_model(name, args, input_shape=shape, num_classes=10)
     return model.eval(), torch.zeros(1, *shape)
-
-
-def _randomise_bn(model):
-    """Non-trivial BatchNorm affine parameters and statistics (fresh ones are the identity)."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.rand(n, generator=g) - 0.5
-            m.running_mean = torch.rand(n, generator=g) - 0.5
-            m.running_var = torch.rand(n, generator=g) + 0.5
 
 
 # --- MACs and parameters ------------------------------------------------------------------------
@@ -136,7 +125,7 @@ class _OptionB(nn.Module):
 def test_understood_residual_couplings_stay_prunable():
     torch.manual_seed(0)
     model = _OptionB().eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     p = StructuredPruner(model, torch.zeros(1, 3, 16, 16))
     # two groups, both residual: stem+a1 (named after a1, the first traced) and down+a2
     assert p.notes == [] and set(p.groups) == {"a1", "a2"}
@@ -168,7 +157,7 @@ def test_pruner_leaves_mode_and_batchnorm_statistics_alone():
 
 def _cnn3_with_dead_channel():
     model, ex = _build("cnn3", (1, 28, 28), widths=[8, 16, 16], hidden=32)
-    _randomise_bn(model)
+    randomise_bn(model)
     with torch.no_grad():
         model.conv2[1].bias += 1.5  # keep conv2's other channels alive through the ReLU
         # channel 5 of conv2: filter, BN scale and shift, conv3's input slice
@@ -305,7 +294,7 @@ def test_prune_ratios_and_unknown_groups():
 
 def test_trial_restores_the_model_exactly():
     model, ex = _build("resnet20", (3, 32, 32))
-    _randomise_bn(model)
+    randomise_bn(model)
     x = torch.randn(2, 3, 32, 32)
     ref, sd = model(x), {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
@@ -339,7 +328,7 @@ def test_failed_forward_check_restores_and_raises_model_error(monkeypatch):
 def test_two_step_history_replays_on_a_fresh_model(tmp_path):
     shape = (3, 32, 32)
     model, ex = _build("resnet20", shape)
-    _randomise_bn(model)
+    randomise_bn(model)
     history = []
     for importance, fraction in (("magnitude", 0.7), ("bn-scale", 0.5)):  # one pruner per step, as in compress
         p = StructuredPruner(model, ex, importance=importance)
@@ -371,7 +360,7 @@ def test_fill_to_macs_lands_near_the_aim_in_round_to_blocks():
     """One τ on a cnn3 moves in coarse steps (a conv1 block at full resolution is expensive):
     filling gives back whole blocks, best-scoring first, without passing the aim."""
     model, ex = _build("cnn3", (1, 28, 28), widths=[16, 32, 64], hidden=64)
-    _randomise_bn(model)
+    randomise_bn(model)
     macs0 = count_macs_params(model, ex)[0]
     p = StructuredPruner(model, ex, round_to=4)
     scores = p.score()

@@ -232,14 +232,15 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def resolve_val(spec: DataSpec, held_out: bool):
+def resolve_val(spec: DataSpec, held_out: bool, has_test: bool = True):
     """What ``data.val`` means for this run: ``"test"``, a :class:`SplitFraction` or an
     :class:`OtherData`. ``auto`` takes half of the held-out split when ``held_out`` (the teacher
-    comes from a checkpoint, so it has usually trained on the whole training split), else
-    ``val_fraction`` of the training split; an explicit ``val_fraction`` is honoured (0: the test split)."""
+    comes from a checkpoint, so it has usually trained on the whole training split) and the source
+    ``has_test``, else ``val_fraction`` of the training split; an explicit ``val_fraction`` is
+    honoured (0: the test split)."""
     if spec.val != "auto":
         return spec.val
-    if "val_fraction" in spec.model_fields_set or not held_out:
+    if "val_fraction" in spec.model_fields_set or not held_out or not has_test:
         if spec.val_fraction == 0:
             return "test"
         return SplitFraction(split="train", fraction=spec.val_fraction)
@@ -253,7 +254,7 @@ def load_data(spec: DataSpec, *, base_dir: Path, seed: int, held_out: bool = Fal
     resolve against ``base_dir`` (the recipe's folder). ``DataBundle.splits`` says which data each
     split is, in words."""
     base_dir = Path(base_dir)
-    train, test, names, what = _read(spec.source_spec, base_dir, spec, "data.source")
+    train, test, names, what = _read(spec.source_spec, base_dir, spec)
     if test is not None and len(test) == 0:
         test = None
     num_classes = _check_labels(train, test, names, what)
@@ -262,10 +263,8 @@ def load_data(spec: DataSpec, *, base_dir: Path, seed: int, held_out: bool = Fal
     if spec.augment.active and train.x.dim() != 4:
         raise DataError(f"data.augment: needs image data [N, C, H, W], but {what} has shape {list(train.x.shape)}")
     notes: list[str] = []
-    val_spec = resolve_val(spec, held_out)
-    if spec.val == "auto" and held_out and test is None and isinstance(val_spec, SplitFraction) \
-            and val_spec.split == "test":
-        val_spec = SplitFraction(split="train", fraction=spec.val_fraction or 0.1)
+    val_spec = resolve_val(spec, held_out, has_test=test is not None)
+    if resolve_val(spec, held_out) != val_spec:  # a held-out split was wanted, and there is none
         notes.append(f"data.val: {what} has no held-out split, so validation is {val_spec.fraction:g} of the training "
                      "split, which a teacher trained elsewhere may have memorised; name other data in data.val")
     g = torch.Generator().manual_seed(seed)
@@ -330,7 +329,8 @@ def load_data(spec: DataSpec, *, base_dir: Path, seed: int, held_out: bool = Fal
                       normalize_auto=spec.normalize == "auto")
 
 
-def _read(source, base_dir: Path, spec: DataSpec, key: str):
+def _read(source, base_dir: Path, spec: DataSpec):
+    """A source read (:func:`read_source`), checked for finite inputs and adapted (``data.input``)."""
     train, test, names, what = read_source(source, base_dir)
     for split, part in (("training", train), ("test", test)):
         _check_finite_inputs(part, split, what)
@@ -348,7 +348,7 @@ def _need(test: TensorData | None, key: str, what: str) -> TensorData:
 
 def _other(other: OtherData, base_dir: Path, spec: DataSpec, key: str, num_classes: int) -> tuple[TensorData, str]:
     """The split of another source that ``data.val``/``data.test`` names, with its description."""
-    train, test, _, what = _read(other.source, base_dir, spec, f"{key}.source")
+    train, test, _, what = _read(other.source, base_dir, spec)
     split = other.split if other.split != "auto" else ("test" if test is not None and len(test) else "train")
     part = train if split == "train" else test
     if part is None or len(part) == 0:

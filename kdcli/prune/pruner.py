@@ -492,11 +492,13 @@ class StructuredPruner:
         if not values:
             return tau, below
         lower = self.plan_below(scores, values[-1])  # removes less: MACs above the aim
-        above = self.take_to_macs(scores, lower, aim_macs)
+        return tau, self._nearer(below, self.take_to_macs(scores, lower, aim_macs), aim_macs)
+
+    def _nearer(self, below: dict, above: dict, aim_macs: float) -> dict:
+        """Of a plan reached by giving channels back and one reached by taking them away, the one
+        that keeps more MACs while staying at or under ``aim_macs`` (``below`` on a tie)."""
         m_below, m_above = self.plan_macs(below), self.plan_macs(above)
-        if m_below >= m_above or m_above > aim_macs:
-            return tau, below
-        return tau, above
+        return above if m_below < m_above <= aim_macs else below
 
     def plan_uniform(self, scores: dict[str, torch.Tensor], aim_macs: float) -> tuple[float, dict[str, list[int]]]:
         """(ratio, plan): the same fraction of every prunable group's channels removed, lowest
@@ -517,8 +519,7 @@ class StructuredPruner:
                 lo = mid
         below = self.fill_to_macs(scores, self.plan_ratios({g: hi for g in names}, scores), aim_macs)
         above = self.take_to_macs(scores, self.plan_ratios({g: lo for g in names}, scores), aim_macs)
-        m_below, m_above = self.plan_macs(below), self.plan_macs(above)
-        return hi, (above if m_below < m_above <= aim_macs else below)
+        return hi, self._nearer(below, above, aim_macs)
 
     # --- pruning --------------------------------------------------------------------------------
     def _prune(self, plan: dict[str, list[int]], record: bool) -> None:
