@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class _Strict(BaseModel):
@@ -85,6 +86,18 @@ class TensorsSource(_Strict):
 
 
 @_source
+class TensorShardsSource(_Strict):
+    """A folder of shards: ``x_<name>.npy`` with ``y_<name>.npy`` pairs, or ``*.npz`` files with
+    ``x``/``y`` arrays; ``train/`` and ``test/`` sub-folders of those, or the shards directly
+    (training only). Shards are concatenated in natural name order. Streaming memory-maps the
+    ``.npy`` pairs (``.npz`` shards can only be read into memory)."""
+
+    kind: Literal["tensor-shards"]
+    path: str
+    classes: list[str] | None = None
+
+
+@_source
 class PythonSource(_Strict):
     """``pkg.mod:fn`` or ``file.py:fn`` returning a Dataset of (input, label), or a (train, test) tuple."""
 
@@ -96,6 +109,8 @@ class PythonSource(_Strict):
 
 SourceSpec = Annotated[Union[tuple(SOURCE_SPECS)], Field(discriminator="kind")]
 SOURCE_KINDS: tuple[str, ...] = tuple(get_args(c.model_fields["kind"].annotation)[0] for c in SOURCE_SPECS)
+MAX_WORKERS = 256
+STREAMING_KINDS = ("image-folder", "tensor-shards")  # the sources data.loading: stream can read sample by sample
 
 
 class NormalizeStats(_Strict):
@@ -194,6 +209,14 @@ class DataSpec(_Strict):
     eval_batch_size: int = Field(512, ge=1, le=1 << 20)
     limit_train: int | None = Field(None, ge=1, le=10**12)
     limit_eval: int | None = Field(None, ge=1, le=10**12)
+    # How the data reaches the model. ``memory``: read whole once, batches sliced from tensors
+    # (fastest for small sets). ``stream``: read sample by sample from disk by ``workers``
+    # DataLoader processes (image-folder and tensor-shards sources). ``auto``: memory when the
+    # decoded set fits in kdcli.data.stream.RAM_SHARE (25 %) of the available memory, else stream.
+    loading: Literal["auto", "memory", "stream"] = "auto"
+    # DataLoader worker processes when streaming; ``auto``: min(4, CPU cores); 0 reads in the
+    # training process itself.
+    workers: Union[Literal["auto"], int] = "auto"
 
     @field_validator("source", mode="before")
     @classmethod
@@ -201,6 +224,24 @@ class DataSpec(_Strict):
         # `source: digits` is shorthand for {kind: digits}; going through the tagged union (not a
         # Literal alternative) makes `{kind: idx}` without a path report the missing field.
         return {"kind": v} if isinstance(v, str) else v
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v):
+        if v == "auto" or (isinstance(v, str) and v.strip().isdigit()):  # --set data.workers=2 gives a string
+            return v if v == "auto" else int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_WORKERS:
+            raise ValueError(f"expected auto or a number of worker processes in [0, {MAX_WORKERS}] (got {v!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _streamable(self):
+        kind = self.source_spec.kind
+        if self.loading == "stream" and kind not in STREAMING_KINDS:
+            raise PydanticCustomError("field_error", "{msg}", {
+                "field": "loading", "msg": f"stream reads only {' and '.join(STREAMING_KINDS)} sources, not {kind} "
+                                           "(use auto or memory)"})
+        return self
 
     @property
     def source_spec(self):

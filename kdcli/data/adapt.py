@@ -24,15 +24,29 @@ def adapt_inputs(data: TensorData | None, spec: InputAdapt, what: str) -> Tensor
     if data is None or not spec.active:
         return data
     x = data.x
-    if x.dim() != 4:
-        raise DataError(f"data.input: needs image data [N, C, H, W], but {what} has shape {list(x.shape)}")
-    c = x.shape[1]
-    if spec.channels is not None and spec.channels != c and c != 1 and not (c == 3 and spec.channels == 1):
-        raise DataError(f"data.input.channels: {what} has {c} channels; {spec.channels} can be made only from "
-                        "1 (replicated) or from 3 (to 1, luminance)")
+    adapted_shape(tuple(x.shape), spec, what)
     chunks = [_adapt_chunk(x[i:i + _CHUNK], spec) for i in range(0, len(x), _CHUNK)]
     out = torch.cat(chunks) if chunks else _adapt_chunk(x[:0], spec)
     return TensorData(out, data.y)
+
+
+def adapted_shape(shape: tuple[int, ...], spec: InputAdapt, what: str) -> tuple[int, ...]:
+    """The shape ``[N, C, H, W]`` becomes under ``spec`` (unchanged when inactive); DataError when
+    ``spec`` cannot apply to it."""
+    if not spec.active:
+        return tuple(shape)
+    if len(shape) != 4:
+        raise DataError(f"data.input: needs image data [N, C, H, W], but {what} has shape {list(shape)}")
+    n, c, h, w = shape
+    if spec.channels is not None and spec.channels != c and c != 1 and not (c == 3 and spec.channels == 1):
+        raise DataError(f"data.input.channels: {what} has {c} channels; {spec.channels} can be made only from "
+                        "1 (replicated) or from 3 (to 1, luminance)")
+    return (n, spec.channels or c, *(spec.size or (h, w)))
+
+
+def adapt_sample(x: torch.Tensor, spec: InputAdapt) -> torch.Tensor:
+    """One input ``[C, H, W]`` adapted as :func:`adapt_inputs` adapts a split (the same pixels)."""
+    return _adapt_chunk(x[None], spec)[0] if spec.active else x
 
 
 def _adapt_chunk(x: torch.Tensor, spec: InputAdapt) -> torch.Tensor:

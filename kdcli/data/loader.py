@@ -1,13 +1,16 @@
 """Data: reading the recipe's ``data:`` section (its schema is :mod:`kdcli.config.data`), and a fast in-memory batch loader.
 
-Every source is read once into tensors (``uint8`` for image files, so that CIFAR-10's 50,000
-training images take 150 MB), split into train/val with the recipe's seed, and served by
+By default a source is read once into tensors (``uint8`` for image files, so that CIFAR-10's
+50,000 training images take 150 MB), split into train/val with the recipe's seed, and served by
 :class:`BatchLoader`, which slices batches from a seeded permutation and converts, augments and
-normalises whole batches with tensor ops on the target device (no worker processes).
+normalises whole batches with tensor ops on the target device (no worker processes). An image
+folder or a folder of ``.npy`` shards too large for memory streams instead (``data.loading``,
+:mod:`kdcli.data.stream`): same splits, same order, read sample by sample by DataLoader workers.
 
 Sources: scikit-learn's bundled 8x8 ``digits`` (the default, no download), MNIST-style IDX
 files, the CIFAR-10 binary version, a folder of images with one sub-folder per class, a tensor
-file (``.pt`` read with ``weights_only=True``, or ``.npz``) and a user ``module:function``.
+file (``.pt`` read with ``weights_only=True``, or ``.npz``), a folder of ``.npy``/``.npz`` tensor
+shards and a user ``module:function``.
 The readers live in :mod:`kdcli.data.sources`.
 """
 
@@ -19,9 +22,12 @@ from pathlib import Path
 
 import torch
 
-from kdcli.config.data import HELD_OUT_FRACTION, AugmentSpec, DataSpec, NormalizeStats, OtherData, SplitFraction
+from kdcli.config.data import (HELD_OUT_FRACTION, STREAMING_KINDS, AugmentSpec, DataSpec, NormalizeStats, OtherData,
+                               SplitFraction)
 from kdcli.data.adapt import adapt_inputs
 from kdcli.data.sources import read_source
+from kdcli.data.stream import (NORM_SAMPLES, RAM_SHARE, StreamData, StreamLoader, available_memory, batch_count,
+                               choose_loading, epoch_order, human_bytes, open_stream, resolve_workers)
 from kdcli.data.tensors import TensorData
 from kdcli.errors import DataError
 
@@ -86,20 +92,12 @@ class BatchLoader:
         self.epoch = int(epoch)
 
     def _indices(self) -> torch.Tensor:
-        n = len(self.data)
-        if not self.train:
-            return torch.arange(n)[self.rank::self.world_size]
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(n, generator=g)
-        per_rank = math.ceil(n / self.world_size) if n else 0
-        if per_rank * self.world_size > n:
-            perm = torch.cat([perm, perm.repeat(math.ceil(per_rank * self.world_size / n))])[: per_rank * self.world_size]
-        return perm[self.rank::self.world_size]
+        return epoch_order(len(self.data), train=self.train, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                           world_size=self.world_size)
 
     def __len__(self) -> int:
-        n, ws = len(self.data), self.world_size
-        n = math.ceil(n / ws) if self.train else max(0, math.ceil((n - self.rank) / ws))
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return batch_count(len(self.data), self.batch_size, train=self.train, rank=self.rank,
+                           world_size=self.world_size, drop_last=self.drop_last)
 
     def __iter__(self):
         idx_all = self._indices()
@@ -156,11 +154,13 @@ class DataBundle:
 
     ``mean``/``std`` are per channel (per feature for ``[N, D]`` data) in the [0, 1] scale:
     a model sees ``(x * scale - mean) / std`` where ``scale`` is 1/255 for uint8 inputs.
+    A split is a :class:`TensorData` in memory or a :class:`StreamData` read from disk
+    (``data.loading``; ``loading`` says which, in words); :meth:`loader` serves either.
     """
 
-    train: TensorData
-    val: TensorData
-    test: TensorData | None
+    train: TensorData | StreamData
+    val: TensorData | StreamData
+    test: TensorData | StreamData | None
     num_classes: int
     input_shape: tuple[int, ...]
     mean: list[float]
@@ -174,13 +174,22 @@ class DataBundle:
     splits: dict[str, str] = field(default_factory=dict)  # split -> which data it is, in words
     notes: list[str] = field(default_factory=list)        # warnings about the choice of splits
     normalize_auto: bool = False                          # mean/std measured on the training split
+    loading: str = "in memory"                            # data.loading's choice, in words
+    workers: int = 0                                      # DataLoader workers of streamed splits
+    normalize_samples: int | None = None                  # auto normalisation measured on this many samples only
+
+    @property
+    def streamed(self) -> bool:
+        """True when the training split is read from disk as it is used."""
+        return self.train.streamed
 
     def judged_by(self) -> str:
-        """One line: which data validates, which data is the test part, and the normalisation."""
+        """One line: which data validates, which data is the test part, the normalisation and how
+        the data is loaded."""
         parts = [f"validation: {self.splits.get('val', 'the val split')}"]
         if self.test is not None:
             parts.append(f"test: {self.splits.get('test', 'the test split')}")
-        return "; ".join(parts) + f"; normalisation: {self.normalization()}"
+        return "; ".join(parts) + f"; normalisation: {self.normalization()}; loading: {self.loading}"
 
     def normalization(self) -> str:
         """mean/std in words, and where they came from."""
@@ -188,9 +197,11 @@ class DataBundle:
         if all(m == 0 for m in self.mean) and all(s == 1 for s in self.std):
             return "none"
         how = "measured on the training split" if self.normalize_auto else "data.normalize"
+        if self.normalize_auto and self.normalize_samples is not None:
+            how = f"measured on {self.normalize_samples:,} seeded samples of the training split"
         return f"mean {fmt(self.mean)}, std {fmt(self.std)} ({how})"
 
-    def split(self, name: str) -> TensorData:
+    def split(self, name: str) -> TensorData | StreamData:
         """The split called ``train``, ``val`` or ``test``."""
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}: expected train, val or test")
@@ -201,27 +212,61 @@ class DataBundle:
 
     def loader(self, split: str, *, train: bool, batch_size: int | None = None, device="cpu",
                seed: int = 0, rank: int | None = None, world_size: int | None = None,
-               drop_last: bool = False) -> BatchLoader:
-        """A :class:`BatchLoader` over ``split``; ``batch_size`` defaults to the recipe's
-        ``batch_size`` (train=True) or ``eval_batch_size``. ``rank``/``world_size`` default to
-        the process group's when torch.distributed is initialised (under ``torchrun``), so each
-        rank trains on its own shard of the same seeded permutation."""
+               drop_last: bool = False) -> BatchLoader | StreamLoader:
+        """A :class:`BatchLoader` (a split in memory) or a :class:`StreamLoader` (a streamed split:
+        the same batches, prepared by ``self.workers`` processes) over ``split``; ``batch_size``
+        defaults to the recipe's ``batch_size`` (train=True) or ``eval_batch_size``.
+        ``rank``/``world_size`` default to the process group's when torch.distributed is
+        initialised (under ``torchrun``), so each rank trains on its own shard of the same seeded
+        permutation."""
         if rank is None or world_size is None:
             rank, world_size = _rank_and_world()
         bs = batch_size or (self.batch_size if train else self.eval_batch_size)
-        return BatchLoader(self.split(split), batch_size=bs, train=train, mean=self.mean, std=self.std,
-                           scale=self.scale, augment=self.augment, device=device, seed=seed, rank=rank,
-                           world_size=world_size, drop_last=drop_last)
+        data = self.split(split)
+        kind = StreamLoader if data.streamed else BatchLoader
+        extra = {"workers": self.workers} if data.streamed else {}
+        return kind(data, batch_size=bs, train=train, mean=self.mean, std=self.std, scale=self.scale,
+                    augment=self.augment, device=device, seed=seed, rank=rank, world_size=world_size,
+                    drop_last=drop_last, **extra)
+
+    def eval_batches(self, split: str, device="cpu", limit: int | None = None) -> BatchLoader | StreamLoader:
+        """Unaugmented batches ``(x, y, idx)`` of ``split`` (its first ``limit`` samples) in order,
+        on ``device``, for :func:`kdcli.train.loop.evaluate`: nothing is held beyond a batch, so
+        this suits a streamed split of any size (unlike :meth:`eval_tensors`)."""
+        data = self.split(split)
+        if limit is not None and limit < len(data):
+            data = data.subset(torch.arange(limit))
+        kind = StreamLoader if data.streamed else BatchLoader
+        extra = {"workers": self.workers} if data.streamed else {}
+        return kind(data, batch_size=self.eval_batch_size, train=False, mean=self.mean, std=self.std,
+                    scale=self.scale, device=device, **extra)
 
     def eval_tensors(self, split: str, device="cpu", limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All of ``split`` (its first ``limit`` samples) as normalised float inputs and int64 labels on ``device``."""
+        """All of ``split`` (its first ``limit`` samples) as normalised float inputs and int64 labels on ``device``.
+
+        A streamed split is decoded by the workers; one whose float tensors would take more than
+        ``RAM_SHARE`` of the available memory is a DataError that names ``data.limit_eval``."""
         data = self.split(split)
         n = len(data) if limit is None else min(limit, len(data))
-        sub = BatchLoader(TensorData(data.x[:n], data.y[:n]), batch_size=max(n, 1), train=False,
-                          mean=self.mean, std=self.std, scale=self.scale, device=device)
-        for x, y, _ in sub:
-            return x, y
         dev = torch.device(device)
+        if data.streamed and n:
+            need = n * math.prod(data.sample_shape) * 4
+            avail = available_memory()
+            if avail is not None and need > RAM_SHARE * avail:
+                fits = max(1, int(RAM_SHARE * avail // (4 * math.prod(data.sample_shape))))
+                raise DataError(f"data.limit_eval: the {split} split is {len(data):,} streamed samples; evaluating "
+                                f"{n:,} at once takes {human_bytes(need)} as float tensors, over {RAM_SHARE:.0%} of the "
+                                f"{human_bytes(avail)} available; set data.limit_eval to at most {fits:,}")
+            xs, ys = [], []
+            for x, y, _ in self.eval_batches(split, device, limit=n):
+                xs.append(x)
+                ys.append(y)
+            return torch.cat(xs), torch.cat(ys)
+        if n:
+            sub = BatchLoader(TensorData(data.x[:n], data.y[:n]), batch_size=n, train=False,
+                              mean=self.mean, std=self.std, scale=self.scale, device=device)
+            for x, y, _ in sub:
+                return x, y
         return torch.zeros((0, *self.input_shape), device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
 
 
@@ -254,14 +299,15 @@ def load_data(spec: DataSpec, *, base_dir: Path, seed: int, held_out: bool = Fal
     resolve against ``base_dir`` (the recipe's folder). ``DataBundle.splits`` says which data each
     split is, in words."""
     base_dir = Path(base_dir)
-    train, test, names, what = _read(spec.source_spec, base_dir, spec)
+    train, test, names, what, loading = _read(spec.source_spec, base_dir, spec)
     if test is not None and len(test) == 0:
         test = None
     num_classes = _check_labels(train, test, names, what)
     if not names:
         names = [str(i) for i in range(num_classes)]
-    if spec.augment.active and train.x.dim() != 4:
-        raise DataError(f"data.augment: needs image data [N, C, H, W], but {what} has shape {list(train.x.shape)}")
+    if spec.augment.active and len(train.sample_shape) != 3:
+        raise DataError(f"data.augment: needs image data [N, C, H, W], but {what} has shape "
+                        f"{[len(train), *train.sample_shape]}")
     notes: list[str] = []
     val_spec = resolve_val(spec, held_out, has_test=test is not None)
     if resolve_val(spec, held_out) != val_spec:  # a held-out split was wanted, and there is none
@@ -314,29 +360,50 @@ def load_data(spec: DataSpec, *, base_dir: Path, seed: int, held_out: bool = Fal
         val = val.subset(torch.arange(min(spec.limit_eval, len(val))))
         if test is not None:
             test = test.subset(torch.arange(min(spec.limit_eval, len(test))))
-    scale = 1 / 255 if train.x.dtype == torch.uint8 else 1.0
-    mean, std = _normalization(spec.normalize, train, scale, what)
-    input_shape = tuple(int(s) for s in train.x.shape[1:])
+    scale = 1 / 255 if train.dtype == torch.uint8 else 1.0
+    workers = resolve_workers(spec.workers)
+    mean, std, counted = _normalization(spec.normalize, train, scale, what, workers=workers, seed=seed)
+    input_shape = train.sample_shape
     for split, part in (("val", val), ("test", test)):
-        if part is not None and tuple(part.x.shape[1:]) != input_shape:
-            raise DataError(f"data.{split}: its inputs are {list(part.x.shape[1:])} but the training inputs are "
+        if part is not None and part.sample_shape != input_shape:
+            raise DataError(f"data.{split}: its inputs are {list(part.sample_shape)} but the training inputs are "
                             f"{list(input_shape)}; give data.input (size, channels) to make them match")
     desc = (f"{what}: {len(train)} train, {len(val)} val, "
             f"{'no' if test is None else len(test)} test, {'x'.join(map(str, input_shape))}, {num_classes} classes")
     splits = {k: v for k, v in splits.items() if k != "test" or test is not None}
     return DataBundle(train, val, test, num_classes, input_shape, mean, std, list(names), desc,
                       spec.augment, scale, spec.batch_size, spec.eval_batch_size, splits=splits, notes=notes,
-                      normalize_auto=spec.normalize == "auto")
+                      normalize_auto=spec.normalize == "auto", loading=loading, workers=workers,
+                      normalize_samples=counted if counted is not None and counted < len(train) else None)
 
 
 def _read(source, base_dir: Path, spec: DataSpec):
-    """A source read (:func:`read_source`), checked for finite inputs and adapted (``data.input``)."""
+    """A source read (:func:`read_source`), checked for finite inputs and adapted (``data.input``),
+    or opened for streaming (``data.loading``, see :func:`kdcli.data.stream.choose_loading`); and
+    the choice in words."""
+    if source.kind in STREAMING_KINDS and spec.loading != "memory":
+        opened = open_stream(source, base_dir)
+        if opened is None:  # .npz shards: no random access without reading them whole
+            if spec.loading == "stream":
+                raise DataError(f"data.loading: stream memory-maps x_*.npy/y_*.npy shards, and {source.path} holds "
+                                ".npz shards; convert them (np.save each array) or set data.loading: memory")
+            loading = "in memory (data.loading: auto; .npz shards cannot stream)"
+        else:
+            train, test, names, what = opened
+            train = train.adapted(spec.input)
+            test = test.adapted(spec.input) if test is not None else None
+            decoded = train.decoded_bytes + (test.decoded_bytes if test is not None else 0)
+            stream, loading = choose_loading(spec.loading, decoded, resolve_workers(spec.workers))
+            if stream:
+                return train, test, names, what, loading
+    else:
+        loading = "in memory" if spec.loading != "memory" else "in memory (data.loading: memory)"
     train, test, names, what = read_source(source, base_dir)
     for split, part in (("training", train), ("test", test)):
         _check_finite_inputs(part, split, what)
     train = adapt_inputs(train, spec.input, what)
     test = adapt_inputs(test, spec.input, what)
-    return train, test, names, what
+    return train, test, names, what, loading
 
 
 def _need(test: TensorData | None, key: str, what: str) -> TensorData:
@@ -346,9 +413,9 @@ def _need(test: TensorData | None, key: str, what: str) -> TensorData:
     return test
 
 
-def _other(other: OtherData, base_dir: Path, spec: DataSpec, key: str, num_classes: int) -> tuple[TensorData, str]:
+def _other(other: OtherData, base_dir: Path, spec: DataSpec, key: str, num_classes: int) -> tuple[TensorData | StreamData, str]:
     """The split of another source that ``data.val``/``data.test`` names, with its description."""
-    train, test, _, what = _read(other.source, base_dir, spec)
+    train, test, _, what, _ = _read(other.source, base_dir, spec)
     split = other.split if other.split != "auto" else ("test" if test is not None and len(test) else "train")
     part = train if split == "train" else test
     if part is None or len(part) == 0:
@@ -363,8 +430,8 @@ def _other(other: OtherData, base_dir: Path, spec: DataSpec, key: str, num_class
 def _check_finite_inputs(data: TensorData | None, split: str, what: str) -> None:
     """DataError naming the first sample whose inputs hold NaN or infinity (chunked: no whole-set
     copy). Integer inputs (uint8 images) are finite by construction."""
-    if data is None or not data.x.is_floating_point():
-        return
+    if data is None or data.streamed or not data.x.is_floating_point():
+        return  # a streamed split is checked sample by sample as it is read
     for i in range(0, len(data), 4096):
         bad = ~torch.isfinite(data.x[i:i + 4096].reshape(min(4096, len(data) - i), -1)).all(dim=1)
         if bool(bad.any()):
@@ -387,30 +454,51 @@ def _check_labels(train: TensorData, test: TensorData | None, names, what: str) 
     return len(names) if names else top + 1
 
 
-def _normalization(norm, train: TensorData, scale: float, what: str) -> tuple[list[float], list[float]]:
-    x = train.x
-    channels = x.shape[1]
+def _normalization(norm, train: TensorData | StreamData, scale: float, what: str, *, workers: int = 0,
+                   seed: int = 0) -> tuple[list[float], list[float], int | None]:
+    """``(mean, std, samples measured)``; the last is None unless measured (``auto``). A streamed
+    split is measured on :data:`kdcli.data.stream.NORM_SAMPLES` seeded samples at most."""
+    channels = train.sample_shape[0]
     if norm == "none":
-        return [0.0] * channels, [1.0] * channels
+        return [0.0] * channels, [1.0] * channels, None
     if isinstance(norm, NormalizeStats):
         if len(norm.mean) not in (1, channels):
             raise DataError(f"data.normalize: {len(norm.mean)} mean/std values, but {what} has {channels} channels")
         k = channels // len(norm.mean)
-        return list(norm.mean) * k, list(norm.std) * k
+        return list(norm.mean) * k, list(norm.std) * k, None
     # auto: per-channel statistics of the training split, accumulated in float64 chunks
-    dims = [0] + list(range(2, x.dim()))
+    dims = [0] + list(range(2, len(train.sample_shape) + 1))
     s = torch.zeros(channels, dtype=torch.float64)
     s2 = torch.zeros(channels, dtype=torch.float64)
     count = 0
-    for i in range(0, len(train), 4096):
-        chunk = x[i:i + 4096].to(torch.float64) * scale
+    for chunk in _raw_chunks(train, workers, seed):
+        chunk = chunk.to(torch.float64) * scale
         s += chunk.sum(dims)
         s2 += (chunk * chunk).sum(dims)
         count += chunk.numel() // channels
     mean = s / max(count, 1)
     std = (s2 / max(count, 1) - mean * mean).clamp_min(0).sqrt()
     std = torch.where(std < 1e-6, torch.ones_like(std), std)  # constant channels: leave unscaled
-    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+    measured = min(len(train), NORM_SAMPLES) if train.streamed else len(train)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std], measured
+
+
+def _raw_chunks(train: TensorData | StreamData, workers: int, seed: int):
+    """The training inputs as stored (uint8 or float32), in chunks: slices of a split in memory;
+    for a streamed split, batches of up to ``NORM_SAMPLES`` seeded samples read by the workers."""
+    if not train.streamed:
+        for i in range(0, len(train), 4096):
+            yield train.x[i:i + 4096]
+        return
+    part = train
+    if len(train) > NORM_SAMPLES:
+        g = torch.Generator().manual_seed(seed)
+        part = train.subset(torch.randperm(len(train), generator=g)[:NORM_SAMPLES].sort().values)
+    ones = [1.0] * train.sample_shape[0]
+    raw = StreamLoader(part, batch_size=256, train=False, mean=[0.0] * len(ones), std=ones, scale=1.0,
+                       workers=workers)
+    for x, _, _ in raw:
+        yield x
 
 
 MEMORISED_GAP = 0.03  # validation more than 3 points above the held-out test part looks memorised

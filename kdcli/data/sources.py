@@ -3,18 +3,22 @@
 ``read_source(spec, base_dir)`` returns ``(train, test, class_names, what)``: two
 :class:`kdcli.data.loader.TensorData` splits (``test`` may be None), the class names (empty when the
 source does not know them) and a short description for messages. Image files stay ``uint8``.
+The image-folder and tensor-shards sources can also stream (:mod:`kdcli.data.stream`), which
+lists them with :func:`image_folder_layout`/:func:`image_files` and :func:`shard_layout` and
+decodes with :func:`decode_image`, the functions their in-memory readers use.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from kdcli.config.data import (Cifar10BinSource, DigitsSource, IdxSource, ImageFolderSource, PythonSource,
-                               TensorsSource)
+                               TensorShardsSource, TensorsSource)
 from kdcli.data.tensors import TensorData
 from kdcli.errors import DataError
 from kdcli.models import import_callable
@@ -193,52 +197,84 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read_images(folder: Path, classes: list[str], spec: ImageFolderSource, shape: list) -> TensorData:
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    arrays, labels = [], []
+def image_files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    """The image files of ``folder``'s class sub-folders (``<class>/<name>``, relative to
+    ``folder``: strings, lighter than paths for a million files), sorted by class then name, and
+    their labels (positions in ``classes``); a sub-folder not in ``classes`` is a DataError."""
+    files, labels = [], []
     for d in _class_dirs(folder):
         if d.name not in classes:
             raise DataError(f"{d}: class folder {d.name!r} is not one of the training classes {classes}")
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if spec.grayscale else "RGB")
-                    if spec.size is not None:
-                        im = im.resize((spec.size[1], spec.size[0]), Image.Resampling.BILINEAR)  # PIL: (W, H)
-                    a = np.asarray(im, dtype=np.uint8)
-            except (OSError, UnidentifiedImageError) as exc:
-                raise DataError(f"{f}: cannot decode image ({type(exc).__name__})") from None
-            if not shape:
-                shape.append((a.shape, f))
-            elif a.shape != shape[0][0]:
-                raise DataError(f"{f}: image is {a.shape[1]}x{a.shape[0]}, but {shape[0][1].name} is "
-                                f"{shape[0][0][1]}x{shape[0][0][0]}; set data.source.size: [H, W] to resize")
-            arrays.append(a)
-            labels.append(classes.index(d.name))
-    if not arrays:
+        with os.scandir(d) as it:  # scandir's entries carry the file type: no stat per file
+            names = sorted(e.name for e in it if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
+        files += [f"{d.name}/{n}" for n in names]
+        labels += [classes.index(d.name)] * len(names)
+    if not files:
         raise DataError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
+    return files, labels
+
+
+def decode_image(f: Path, grayscale: bool, size):
+    """One image file as uint8 ``[H, W]`` (grey) or ``[H, W, 3]``, resized to ``size`` [H, W]
+    (bilinear) when given. The in-memory reader and the streaming one both decode with this."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            im = im.convert("L" if grayscale else "RGB")
+            if size is not None:
+                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)  # PIL: (W, H)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{f}: cannot decode image ({type(exc).__name__})") from None
+
+
+def check_image_shape(a, f: Path, first: tuple, first_file: Path) -> None:
+    """DataError when image ``f`` (decoded to ``a``) differs in shape from the first one."""
+    if a.shape != first:
+        raise DataError(f"{f}: image is {a.shape[1]}x{a.shape[0]}, but {first_file.name} is "
+                        f"{first[1]}x{first[0]}; set data.source.size: [H, W] to resize")
+
+
+def _read_images(folder: Path, classes: list[str], spec: ImageFolderSource, shape: list) -> TensorData:
+    import numpy as np
+
+    files, labels = image_files(folder, classes)
+    arrays = []
+    for rel in files:
+        f = folder / rel
+        a = decode_image(f, spec.grayscale, spec.size)
+        if not shape:
+            shape.append((a.shape, f))
+        check_image_shape(a, f, *shape[0])
+        arrays.append(a)
     x = np.stack(arrays)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # [N, H, W(, C)] -> [N, C, H, W]
     return TensorData(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64))
 
 
-@reads("image-folder")
-def _read_image_folder(spec: ImageFolderSource, base_dir: Path) -> Split:
+def image_folder_layout(spec: ImageFolderSource, base_dir: Path) -> tuple[Path, Path | None, list[str], str]:
+    """``(train_dir, test_dir or None, classes, what)`` of an image-folder source."""
     folder = _existing_dir(spec, base_dir)
     split_layout = (folder / "train").is_dir() and bool(_class_dirs(folder / "train"))
     train_dir = folder / "train" if split_layout else folder
     classes = [d.name for d in _class_dirs(train_dir)]
     if not classes:
         raise DataError(f"data.source.path: {folder} has no class sub-folders (expected <class>/*.png or train/<class>/)")
+    test_dir = None
+    if split_layout and (folder / "test").is_dir() and _class_dirs(folder / "test"):
+        test_dir = folder / "test"
+    return train_dir, test_dir, classes, f"image-folder {folder}"
+
+
+@reads("image-folder")
+def _read_image_folder(spec: ImageFolderSource, base_dir: Path) -> Split:
+    train_dir, test_dir, classes, what = image_folder_layout(spec, base_dir)
     shape: list = []  # the first image's shape: every image must match it
     train = _read_images(train_dir, classes, spec, shape)
-    test = None
-    if split_layout and (folder / "test").is_dir() and _class_dirs(folder / "test"):
-        test = _read_images(folder / "test", classes, spec, shape)
-    return train, test, classes, f"image-folder {folder}"
+    test = _read_images(test_dir, classes, spec, shape) if test_dir is not None else None
+    return train, test, classes, what
 
 
 # --- tensor files and Python factories
@@ -319,6 +355,85 @@ def _read_tensors(spec: TensorsSource, base_dir: Path) -> Split:
         raise DataError(f"{path}: test inputs of shape {list(test.x.shape[1:])}, expected {list(train.x.shape[1:])} like the training inputs")
     names = spec.classes or [str(c) for c in np.asarray(blob.get("classes", blob.get("class_names", []))).tolist()]
     return train, test, list(names), f"tensors {path}"
+
+
+# --- a folder of tensor shards
+
+def shard_layout(spec: TensorShardsSource, base_dir: Path) -> tuple[list, list | None, str]:
+    """The training and test shards of a tensor-shards source, and its description. A shard is
+    ``(x_path, y_path)`` for an ``x_<name>.npy``/``y_<name>.npy`` pair or ``(npz_path, None)``."""
+    folder = _existing_dir(spec, base_dir)
+    split_layout = (folder / "train").is_dir()
+    train = _shards_in(folder / "train" if split_layout else folder)
+    test = _shards_in(folder / "test") if split_layout and (folder / "test").is_dir() else None
+    return train, test, f"tensor-shards {folder}"
+
+
+def _shards_in(folder: Path) -> list:
+    npz = sorted(folder.glob("*.npz"), key=_natural_key)
+    xs = sorted(folder.glob("x_*.npy"), key=_natural_key)
+    if npz and xs:
+        raise DataError(f"{folder}: holds both .npz shards and x_*.npy shards; keep one kind")
+    if npz:
+        return [(p, None) for p in npz]
+    if not xs:
+        raise DataError(f"{folder}: no shards (x_<name>.npy with y_<name>.npy, or <name>.npz with x and y)")
+    out = []
+    for x in xs:
+        y = x.with_name("y_" + x.name[2:])
+        if not y.is_file():
+            raise DataError(f"{x}: no labels file {y.name} next to it")
+        out.append((x, y))
+    return out
+
+
+def _load_array(path: Path, key: str | None = None, mmap: bool = False):
+    """A .npy array (memory-mapped when ``mmap``) or the ``key`` array of a .npz, as DataError when unreadable."""
+    import numpy as np
+
+    try:
+        if key is None:
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as z:
+            if key not in z.files:
+                raise DataError(f"{path}: no {key!r} array (found {sorted(z.files)}); a shard holds x and y")
+            return z[key]
+    except DataError:
+        raise
+    except Exception as exc:  # zip, pickle and format errors all mean "not a readable array"
+        raise DataError(f"{path}: cannot read the array ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def shard_labels(shard, mmap: bool = False):
+    """``(x array, labels int64 tensor)`` of one shard; x memory-mapped for a .npy pair when ``mmap``."""
+    x_path, y_path = shard
+    x = _load_array(x_path, None if y_path else "x", mmap=mmap and y_path is not None)
+    if x.ndim < 2 or x.ndim > 4:
+        raise DataError(f"{x_path}: inputs of shape {list(x.shape)}, expected [N, D], [N, H, W] or [N, C, H, W]")
+    y = _load_array(y_path) if y_path else _load_array(x_path, "y")
+    return x, _as_labels(y, len(x), str(y_path or x_path))
+
+
+def _read_shard_set(shards: list, what: str) -> TensorData:
+    parts = []
+    for shard in shards:
+        x, y = shard_labels(shard)
+        t = _as_inputs(x, str(shard[0]))
+        if parts and (t.shape[1:] != parts[0].x.shape[1:] or t.dtype != parts[0].x.dtype):
+            raise DataError(f"{shard[0]}: inputs {list(t.shape[1:])} {t.dtype}, but {shards[0][0].name} has "
+                            f"{list(parts[0].x.shape[1:])} {parts[0].x.dtype}; every shard must match")
+        parts.append(TensorData(t, y))
+    return TensorData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+
+
+@reads("tensor-shards")
+def _read_tensor_shards(spec: TensorShardsSource, base_dir: Path) -> Split:
+    train, test, what = shard_layout(spec, base_dir)
+    tr = _read_shard_set(train, what)
+    te = _read_shard_set(test, what) if test else None
+    if te is not None and te.x.shape[1:] != tr.x.shape[1:]:
+        raise DataError(f"{what}: test inputs of shape {list(te.x.shape[1:])}, expected {list(tr.x.shape[1:])} like the training inputs")
+    return tr, te, list(spec.classes or []), what
 
 
 def _is_label(v) -> bool:

@@ -16,8 +16,20 @@ class TensorData:
     y: torch.Tensor
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
+    streamed = False  # see kdcli.data.stream.StreamData, the split read sample by sample
+
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one input: ``(C, H, W)`` or ``(D,)``."""
+        return tuple(int(s) for s in self.x.shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored inputs' dtype (uint8 images, else float32)."""
+        return self.x.dtype
 
     def subset(self, idx: torch.Tensor) -> "TensorData":
         """The rows ``idx`` (int64) as a new split."""
