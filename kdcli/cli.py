@@ -21,11 +21,14 @@ import typer
 from kdcli import __version__
 from kdcli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNEXPECTED, GateError, InputError, KdcliError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                   help="Compress trained PyTorch models: knowledge distillation and structured pruning, "
                        "exported to verified ONNX.")
-recipe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Work with recipe files.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Work with recipe files.")
 app.add_typer(recipe_app, name="recipe")
+report_app = typer.Typer(no_args_is_help=True,
+                         help="Work with report files (report.json, compress_report.json, analysis.json).")
+app.add_typer(report_app, name="report")
 
 # Options shared by the commands. Typer reads defaults from these objects.
 DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: the recipe's, else auto).")
@@ -102,24 +105,6 @@ def _emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=_json_default))
 
 
-def _device(name: Optional[str], recipe=None, threads: Optional[int] = None):
-    """The torch device of ``--device`` (else the recipe's), after applying ``--threads``."""
-    from kdcli.config.recipe import check_device_string
-    from kdcli.train.loop import resolve_device
-
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-    name = name or (recipe.device if recipe is not None else "auto")
-    try:
-        check_device_string(name)
-    except ValueError as exc:
-        raise InputError(f"--device: {exc}") from None
-    return resolve_device(name)
-
-
 def _recipe_path(recipe: Optional[Path]) -> Path:
     if recipe is not None:
         return recipe
@@ -175,16 +160,20 @@ def schema(name: str = typer.Argument(..., metavar="NAME",
 
 @recipe_app.command("show")
 @_command
-def recipe_show(name: str = typer.Argument("quickstart", help="A built-in recipe name."),
+def recipe_show(name: Optional[str] = typer.Argument(None, help="A built-in recipe name (none: list them)."),
                 debug: bool = DEBUG) -> None:
-    """Print a built-in recipe (a starting point to copy and edit)."""
+    """List the built-in recipes, one line each, or print one (a starting point to copy and edit)."""
     import re
 
-    from kdcli.config.recipe import builtin_recipe_path
+    from kdcli.config.recipe import builtin_recipe_path, builtin_recipes
 
+    if name is None:
+        for recipe_name, summary in builtin_recipes().items():
+            typer.echo(f"{recipe_name:<28} {summary}")
+        return
     path = builtin_recipe_path(name)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path.is_file():  # a name, never a path
-        raise InputError(f"no built-in recipe {name!r}; try quickstart")
+        raise InputError(f"no built-in recipe {name!r}; built-in: {', '.join(builtin_recipes())}")
     typer.echo(path.read_text(), nl=False)
 
 
@@ -198,6 +187,7 @@ def train(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (defau
           device: Optional[str] = DEVICE, set_: Optional[List[str]] = SET, threads: Optional[int] = THREADS,
           json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Train the recipe's teacher from scratch (for users and demos that have no trained model)."""
+    from kdcli.inputs import device_of
     from kdcli.data.loader import load_data
     from kdcli.config.recipe import load_recipe
     from kdcli.models.file import save_model
@@ -212,7 +202,7 @@ def train(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (defau
     if path.is_dir():
         raise InputError(f"--out {path}: is a directory; give a .kdc file or a directory to write teacher.kdc in")
     check_writable_dir(path.parent, "--out")  # before training, not after it
-    dev = _device(device, rec, threads)
+    dev = device_of(device, rec, threads)
     rep = _reporter()
     data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed)  # kdcli trains it: auto validates on train
     rep.info(f"data: {data.description}; {data.judged_by()}")
@@ -237,13 +227,21 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
              overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a run directory that holds an earlier run (its files are replaced)."),
              no_export: bool = typer.Option(False, "--no-export", help="Skip the ONNX export and latency report."),
              force: bool = typer.Option(False, "--force", help="With --resume: continue although the run's recipe.yaml changed since it started."),
+             log: Optional[List[str]] = typer.Option(None, "--log", metavar="tensorboard:DIR|mlflow[:URI]",
+                                                     help="Track the run: tensorboard:DIR (event files in DIR), mlflow "
+                                                          "(MLFLOW_TRACKING_URI, else MLflow's default) or mlflow:URI. "
+                                                          "Repeatable. Needs: pip install 'kdcli[tracking]'."),
              device: Optional[str] = DEVICE, set_: Optional[List[str]] = SET, trust: bool = TRUST,
              threads: Optional[int] = THREADS, json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """DKDP: prune structurally and distil the teacher into the student until the recipe's target is met."""
+    from kdcli.inputs import device_of
     from kdcli.dkdp.compress import compress as run_compress
     from kdcli.dkdp.compress import resume_recipe, start_run
 
     from kdcli.dkdp.run import RunLock
+    from kdcli.tracking import open_tracker
+
+    tracker = open_tracker(log or ())  # a bad --log or a missing package: exit 2 before any run starts
 
     if resume is not None:
         if recipe is not None or set_:
@@ -259,11 +257,11 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
     else:
         rec, run_dir = start_run(_recipe_path(recipe), out_dir=out, overrides=set_ or (), overwrite=overwrite)
     compress._resume_hint = f"kdcli compress --resume {run_dir}"
-    dev = _device(device, rec, threads)
+    dev = device_of(device, rec, threads)
     rep = _reporter()
     rep.info(f"run directory: {run_dir}  device: {dev}")
     result = run_compress(rec, run_dir, device=dev, reporter=rep, trust=trust,
-                          do_export=False if no_export else None)
+                          do_export=False if no_export else None, tracker=tracker)
     if json_out:
         _emit_json(result.to_json())
     else:
@@ -278,75 +276,10 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
 # --------------------------------------------------------------------------------------- export
 
 
-def _split_ints(text: str, what: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        vals = []
-    if not vals or any(v < 1 for v in vals):
-        raise InputError(f"{what}: expected positive integers separated by commas, e.g. 1,64; got {text!r}")
-    return vals
-
-
 MODEL = typer.Option(None, "--model", help="Model spec for a plain checkpoint: built-in name, pkg.mod:factory or file.py:factory.")
 MODEL_ARGS = typer.Option(None, "--model-args", help="JSON keyword arguments of --model.")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Input shape of a plain checkpoint's model without batch, e.g. 3,32,32 (else from --recipe).")
 NUM_CLASSES = typer.Option(None, "--num-classes", min=1, max=1_000_000, help="Number of classes of a plain checkpoint's model (else from --recipe).")
-
-
-def _load_for_export(path: Path, rec, model: Optional[str], model_args: Optional[str], data, trust: bool,
-                     input_shape_flag: Optional[str] = None, num_classes_flag: Optional[int] = None):
-    from kdcli.models.file import is_model_file, load_model_any
-
-    if not Path(path).exists():
-        raise InputError(f"{path}: file not found")
-
-    args = {}
-    if model_args:
-        try:
-            args = json.loads(model_args)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--model-args: not valid JSON ({exc.msg})") from None
-        if not isinstance(args, dict):
-            raise InputError("--model-args: expected a JSON object, e.g. '{\"hidden\": [128]}'")
-    name = model or (getattr(rec.teacher, "model", None) if rec is not None else None)
-    if model is None and rec is not None:  # an ensemble teacher has no single model spec
-        args = dict(getattr(rec.teacher, "model_args", {}))
-    input_shape = data.input_shape if data is not None else None
-    num_classes = data.num_classes if data is not None else None
-    if input_shape_flag:
-        import math
-
-        from kdcli.models.file import MAX_INPUT_DIMS, MAX_INPUT_ELEMENTS
-
-        input_shape = tuple(_split_ints(input_shape_flag, "--input-shape"))
-        if len(input_shape) > MAX_INPUT_DIMS or math.prod(input_shape) > MAX_INPUT_ELEMENTS:
-            raise InputError(f"--input-shape: at most {MAX_INPUT_DIMS} sizes and {MAX_INPUT_ELEMENTS} elements in all, "
-                             f"got {input_shape_flag!r}")
-    if num_classes_flag is not None:
-        num_classes = num_classes_flag
-    if not is_model_file(path):
-        if name is None:
-            raise InputError(f"{path}: not a kdcli model file (.kdc), so it needs a model spec: --model NAME or --recipe")
-        if input_shape is None or num_classes is None:
-            raise InputError(f"{path}: a plain checkpoint needs the model's input: --input-shape C,H,W and "
-                             "--num-classes N, or --recipe (whose data gives both)")
-    from kdcli.models import absolute_spec
-    from kdcli.models.file import recipe_models
-
-    # --model names a model on the command line: relative to here; the recipe's, to its folder.
-    base = Path.cwd() if model is not None or rec is None else rec.base_dir
-    allow = (recipe_models(rec) if rec is not None else []) + ([absolute_spec(model, base)] if model else [])
-    loaded, info = load_model_any(path, spec_name=name, spec_args=args if (model_args or model is None) else None,
-                                  input_shape=input_shape, num_classes=num_classes, base_dir=base, trust=trust,
-                                  allow=allow, override=model is not None)
-    if data is not None:  # before any long work: the data must fit the model
-        import torch
-
-        from kdcli.models.file import check_model_fits
-
-        check_model_fits(loaded, info, data, torch.zeros(1, *info.input_shape))
-    return loaded, info
 
 
 @app.command()
@@ -358,9 +291,17 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
            out: Path = typer.Option(Path("export"), "--out", help="Output directory for the .onnx files and reports."),
            batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes to time (default 1,64)."),
            opset: Optional[int] = typer.Option(None, "--opset", min=18, max=23, help="ONNX opset, 18 to 23 (default 18)."),
-           fail_if: Optional[List[str]] = typer.Option(None, "--fail-if", help="A CI gate, e.g. \"accuracy_drop > 0.5\" or \"speedup < 2\"; exit 3 when true. Repeatable."),
+           fail_if: Optional[List[str]] = typer.Option(None, "--fail-if", help="A CI gate, e.g. \"accuracy_drop > 0.5\", \"speedup < 2\" or \"latency_ms@1 > baseline.latency_ms@1 * 1.05\" (with --baseline); exit 3 when true. Repeatable."),
+           baseline: Optional[Path] = typer.Option(None, "--baseline", help="The report.json of an earlier export (e.g. the main branch's CI artifact) that gates compare with as baseline.<metric>; latency gates allow for the noise of both runs."),
+           junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the gates as JUnit XML to this file (one testcase per gate), whether they pass or fail."),
            input_shape: Optional[str] = INPUT_SHAPE, num_classes: Optional[int] = NUM_CLASSES, trust: bool = TRUST, json_out: bool = JSON, debug: bool = DEBUG) -> None:
-    """Export to ONNX, verify against PyTorch in onnxruntime, and report latency and accuracy."""
+    """Export to ONNX, verify against PyTorch in onnxruntime, and report latency and accuracy.
+
+    With GITHUB_STEP_SUMMARY set (GitHub Actions), the Markdown report and the gate verdicts are
+    appended to that file."""
+    from kdcli.inputs import load_model_input, split_ints
+    import time
+
     import torch
 
     from kdcli.export.onnx import export_report
@@ -368,19 +309,29 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     from kdcli.models.file import export_info
 
     from kdcli.files import check_writable_dir
+    from kdcli.reports.gates import evaluate_gates, load_baseline, parse_gates
 
     rec = load_recipe(recipe) if recipe is not None else None
     check_writable_dir(out, "--out")
+    if junit is not None:
+        if junit.is_dir():
+            raise InputError(f"--junit {junit}: is a directory; give a file name, e.g. {junit / 'gates.xml'}")
+        check_writable_dir(junit.parent, "--junit")
+    base = load_baseline(baseline) if baseline is not None else None  # before any long work
+    base_source = str(baseline) if baseline is not None else "report"
+    exp = rec.export if rec is not None else None
+    gates = list(fail_if or []) or (list(exp.fail_if) if exp else [])
+    parse_gates(gates, base, base_source)  # a gate naming baseline. needs --baseline
     rep = _reporter()
     data = None
     if rec is not None:
         from kdcli.data.loader import load_data
 
         data = load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed, held_out=rec.teacher_trained_elsewhere)
-    s_model, s_info = _load_for_export(student, rec, model, model_args, data, trust, input_shape, num_classes)
+    s_model, s_info = load_model_input(student, rec, model, model_args, data, trust, input_shape, num_classes)
     t_model = t_info = None
     if teacher is not None:
-        t_model, t_info = _load_for_export(teacher, rec, None if rec is not None else model,
+        t_model, t_info = load_model_input(teacher, rec, None if rec is not None else model,
                                            None if rec is not None else model_args, data, trust,
                                            input_shape, num_classes)
     x_eval = y_eval = None
@@ -388,16 +339,18 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
         split = "test" if data.test is not None else "val"
         x_eval, y_eval = data.eval_tensors(split, torch.device("cpu"))
         rep.info(f"accuracy judged on {data.splits.get(split, split)}; normalisation: {data.normalization()}")
-    exp = rec.export if rec is not None else None
-    bs = _split_ints(batch_sizes, "--batch-sizes") if batch_sizes else (list(exp.batch_sizes) if exp else [1, 64])
-    gates = list(fail_if or []) or (list(exp.fail_if) if exp else [])
+    bs = split_ints(batch_sizes, "--batch-sizes") if batch_sizes else (list(exp.batch_sizes) if exp else [1, 64])
+    started = time.perf_counter()
     report = export_report(s_model.cpu().eval(), export_info(s_info, data), out,
                            teacher=None if t_model is None else t_model.cpu().eval(),
                            teacher_info=None if t_info is None else export_info(t_info, data),
                            x_eval=x_eval, y_eval=y_eval, batch_sizes=tuple(bs),
                            opset=opset or (exp.opset if exp else 18), gates=gates,
-                           time_budget_s=exp.latency_budget_s if exp else 2.0, reporter=rep)
+                           time_budget_s=exp.latency_budget_s if exp else 2.0, reporter=rep,
+                           baseline=base, baseline_source=base_source)
+    seconds = time.perf_counter() - started
     failures = report.gates.failures  # the reports are written either way: show them, then exit 3
+    results = evaluate_gates(report, gates, base, base_source)  # each gate's verdict, passed ones too
     if json_out:
         _emit_json({**report.to_json(), "gate_failures": failures})
     else:
@@ -405,8 +358,32 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
 
         rep.print_renderable(summary_table(report))
         rep.info(f"written: {out / 'student.onnx'}, {out / 'report.md'}, {out / 'report.html'}")
+    for r in results:  # a baseline gate's verdict, passed too: its reasoning (the noise band) belongs in the CI log
+        if r.baseline:
+            rep.info(r.message)
+    _ci_outputs(report, results, junit=junit, seconds=seconds, baseline=baseline, out=out, rep=rep)
     if failures:
         raise GateError("; ".join(failures))
+
+
+def _ci_outputs(report, results, *, junit: Optional[Path], seconds: float, baseline: Optional[Path], out: Path,
+                rep) -> None:
+    """The gates as JUnit XML (``--junit``) and, under GitHub Actions, the Markdown report and the
+    verdicts appended to ``$GITHUB_STEP_SUMMARY``; a summary that cannot be written is a warning."""
+    from kdcli.reports.export import render_markdown
+    from kdcli.reports.junit import SUMMARY_ENV, append_step_summary, step_summary, write_junit
+
+    if junit is not None:
+        props = {"report": str(out / "report.json"), **({"baseline": str(baseline)} if baseline else {})}
+        write_junit(junit, results, timestamp=report.created, time_s=seconds, properties=props)
+        rep.info(f"written: {junit} ({len(results)} gates, {sum(not r.passed for r in results)} failed)")
+    try:
+        append_step_summary(step_summary(render_markdown(report), results, str(baseline) if baseline else None))
+    except OSError as exc:
+        import os
+
+        rep.warn(f"{SUMMARY_ENV} {os.environ.get(SUMMARY_ENV)}: cannot append the summary "
+                 f"({exc.strerror or type(exc).__name__}); the export goes on")
 
 
 # -------------------------------------------------------------------------------------- analyze
@@ -441,6 +418,7 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
             device: Optional[str] = DEVICE, trust: bool = TRUST, threads: Optional[int] = THREADS,
             json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """What matters in the model: MACs and parameters per layer, importance, activation sensitivity, pruning sensitivity."""
+    from kdcli.inputs import analysis_data, device_of, load_model_input
     from kdcli.analyze.analysis import analyze as run_analyze
     from kdcli.errors import ModelError
     from kdcli.reports.analysis import render_terminal
@@ -452,10 +430,10 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
     if out is not None:
         check_writable_dir(out, "--out")
     rep = _reporter()
-    data = _analysis_data(rec, data_flag, {"--val": val, "--normalize": normalize, "--input-size": input_size,
+    data = analysis_data(rec, data_flag, {"--val": val, "--normalize": normalize, "--input-size": input_size,
                                            "--fit": fit, "--channels": channels})
-    dev = _device(device, rec, threads)
-    mdl, info = _load_for_export(checkpoint, rec, model, model_args, data, trust, input_shape, num_classes)
+    dev = device_of(device, rec, threads)
+    mdl, info = load_model_input(checkpoint, rec, model, model_args, data, trust, input_shape, num_classes)
     if data is not None:  # after the model and data are known to fit: a misfit is the only line
         rep.info(f"data: {data.judged_by()}")
         for note in data.notes:
@@ -474,80 +452,34 @@ def analyze(checkpoint: Path = typer.Argument(..., help="A kdcli model file, or 
             rep.info(f"written: {out / 'analysis.json'}, {out / 'report.html'}")
 
 
-def _analysis_data(rec, data_flag: Optional[str], flags: dict):
-    given = [k for k, v in flags.items() if v is not None]
-    if given and data_flag is None:
-        raise InputError(f"{given[0]}: needs --data (with --recipe, the recipe's data section decides)")
-    if rec is None and data_flag is None:
-        return None
-    from kdcli.config.data import DataSpec
-    from kdcli.data.loader import load_data
-
-    if data_flag is None:
-        return load_data(rec.data, base_dir=rec.base_dir, seed=rec.seed, held_out=rec.teacher_trained_elsewhere)
-    kind, _, path = data_flag.partition(":")
-    source: Any = "digits" if kind == "digits" else {"kind": kind, "path": path}
-    try:
-        DataSpec.model_validate({"source": source})
-    except Exception:
-        raise InputError(f"--data {data_flag!r}: expected digits or KIND:PATH with KIND one of "
-                         "idx, cifar10-bin, tensors, image-folder") from None
-    spec = {"source": source, **_data_flags(flags)}
-    from pydantic import ValidationError
-
-    from kdcli.reports.base import error_line
-
-    try:
-        parsed = DataSpec.model_validate(spec)
-    except ValidationError as exc:
-        raise InputError(f"--data options: {error_line(exc)}") from None
-    # --data names a checkpoint's data: it has usually trained on the training split, so by
-    # default half of the held-out split judges it (held_out=True), as in a recipe with a checkpoint
-    return load_data(parsed, base_dir=Path.cwd(), seed=rec.seed if rec is not None else 0, held_out=True)
+# --------------------------------------------------------------------------------------- report
 
 
-def _data_flags(flags: dict) -> dict:
-    """The ``data:`` keys that analyze's --val/--normalize/--input-size/--fit/--channels stand for."""
-    out: dict = {}
-    val = flags["--val"]
-    if val is not None:
-        split, _, frac = val.partition(":")
-        if split not in ("train", "test") or (split == "train" and not frac):
-            raise InputError(f"--val {val!r}: expected test, test:FRACTION or train:FRACTION (e.g. test:0.5)")
-        try:
-            out["val"] = "test" if not frac else {"split": split, "fraction": float(frac)}
-        except ValueError:
-            raise InputError(f"--val {val!r}: FRACTION must be a number in (0, 1)") from None
-        if frac and not 0 < out["val"]["fraction"] < 1:
-            raise InputError(f"--val {val!r}: FRACTION must be a number in (0, 1)")
-    norm = flags["--normalize"]
-    if norm is not None:
-        if norm in ("auto", "none"):
-            out["normalize"] = norm
-        else:
-            mean, sep, std = norm.partition("/")
-            try:
-                out["normalize"] = {"mean": [float(v) for v in mean.split(",")], "std": [float(v) for v in std.split(",")]}
-            except ValueError:
-                sep = ""
-            if not sep:
-                raise InputError(f"--normalize {norm!r}: expected auto, none or MEAN/STD with comma-separated values, "
-                                 "e.g. 0.485,0.456,0.406/0.229,0.224,0.225")
-    adapt: dict = {}
-    if flags["--input-size"] is not None:
-        size = _split_ints(flags["--input-size"], "--input-size")
-        if len(size) != 2:
-            raise InputError(f"--input-size {flags['--input-size']!r}: expected H,W (two integers)")
-        adapt["size"] = size
-    if flags["--fit"] is not None:
-        if flags["--fit"] not in ("resize", "pad"):
-            raise InputError(f"--fit {flags['--fit']!r}: expected resize or pad")
-        adapt["fit"] = flags["--fit"]
-    if flags["--channels"] is not None:
-        adapt["channels"] = flags["--channels"]
-    if adapt:
-        out["input"] = adapt
-    return out
+@report_app.command("diff")
+@_command
+def report_diff(a: Path = typer.Argument(..., metavar="A", help="The earlier report (e.g. the main branch's report.json)."),
+                b: Path = typer.Argument(..., metavar="B", help="The later report, of the same kind."),
+                fmt: str = typer.Option("table", "--format", metavar="table|markdown|json",
+                                        help="A terminal table (default), Markdown (a PR comment, a CI summary) or JSON."),
+                json_out: bool = JSON, debug: bool = DEBUG) -> None:
+    """Two reports side by side: A, B, the change, and where B is worse (latency beyond the noise band)."""
+    from kdcli.reports.diff import FORMATS, diff_files, render
+
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if json_out and fmt not in ("table", "json"):
+        raise InputError(f"--json and --format {fmt}: give one of them")
+    fmt = "json" if json_out else fmt
+    diff = diff_files(a, b)
+    shown = render(diff, fmt)
+    if fmt == "json":
+        _emit_json(shown)
+    elif fmt == "markdown":
+        typer.echo(shown, nl=False)
+    else:
+        from rich.console import Console
+
+        Console(highlight=False).print(shown)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -149,3 +150,30 @@ def test_schema_prints_each_json_schema_with_its_id(name, schema_id):
 def test_schema_of_an_unknown_name_is_exit_2_naming_it():
     res = runner.invoke(app, ["schema", "reprot"])
     assert res.exit_code == 2 and "NAME 'reprot'" in res.output and "compress-report" in res.output
+
+
+def test_recipe_show_lists_the_built_in_recipes_one_line_each():
+    from kdcli.config.recipe import builtin_recipe_path
+
+    res = subprocess.run([sys.executable, "-m", "kdcli", "recipe", "show"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert "quickstart" in names and "mnist" in names
+    assert all(builtin_recipe_path(n).is_file() for n in names)
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)  # every recipe has its line
+    mnist = next(line for line in lines if line.startswith("mnist "))
+    assert "Hinton et al. 2015" in mnist  # "et al." does not end the sentence
+    one = subprocess.run([sys.executable, "-m", "kdcli", "recipe", "show", "mnist"], capture_output=True, text=True)
+    assert one.stdout == builtin_recipe_path("mnist").read_text()
+
+
+def test_shell_completion_is_offered():
+    """Typer's completion: --install-completion is offered, and the completion protocol the
+    installed script speaks (the _KDCLI_COMPLETE environment variable) completes commands."""
+    help_text = subprocess.run([sys.executable, "-m", "kdcli", "--help"], capture_output=True, text=True).stdout
+    assert "--install-completion" in help_text
+    kdcli_script = Path(sys.executable).parent / "kdcli"
+    env = {**os.environ, "_KDCLI_COMPLETE": "complete_bash", "COMP_WORDS": "kdcli recipe sh", "COMP_CWORD": "2"}
+    res = subprocess.run([str(kdcli_script)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.split() == ["show"], (res.stdout, res.stderr)

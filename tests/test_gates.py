@@ -73,7 +73,7 @@ def test_malformed_gate_is_input_error_listing_metrics(expr):
     assert repr(expr) in msg and "accuracy_drop" in msg and "latency_ms" in msg
 
 
-@pytest.mark.parametrize("expr", ["accuracy > 1", "latency_ms@64 > 1", "speedup@x < 2", "Speedup < 2"])
+@pytest.mark.parametrize("expr", ["accuracy_pct > 1", "size_ratio@64 > 1", "speedup@x < 2", "Speedup < 2"])
 def test_unknown_metric_is_input_error(expr):
     with pytest.raises(InputError, match="metric|expected"):
         parse_gate(expr)
@@ -81,16 +81,17 @@ def test_unknown_metric_is_input_error(expr):
 
 def test_unknown_metric_message_lists_every_known_name():
     with pytest.raises(InputError) as info:
-        parse_gate("accuracy > 1")
-    assert str(info.value) == ("gate 'accuracy > 1': unknown metric 'accuracy'; metrics: accuracy_drop, speedup, "
-                               "speedup@N, size_ratio, macs_ratio, params_ratio, student_accuracy, latency_ms")
+        parse_gate("bogus > 1")
+    assert str(info.value) == ("gate 'bogus > 1': unknown metric 'bogus'; metrics: accuracy_drop, speedup, "
+                               "speedup@N, size_ratio, macs_ratio, params_ratio, student_accuracy, accuracy, "
+                               "latency_ms, latency_ms@N")
     with pytest.raises(InputError, match="unknown metric 'bogus'; metrics: accuracy_drop"):
         metric_value(_report(), "bogus")
 
 
 def test_gate_table_names_every_metric_and_each_resolves():
     assert list(METRICS) == ["accuracy_drop", "speedup", "speedup@N", "size_ratio", "macs_ratio", "params_ratio",
-                             "student_accuracy", "latency_ms"]
+                             "student_accuracy", "accuracy", "latency_ms", "latency_ms@N"]
     assert set(GATE_METRICS) == {n for n in METRICS if "@" not in n}
     r = _report()
     for name in METRICS:
@@ -107,7 +108,9 @@ def test_metric_values_from_report():
     assert metric_value(r, "speedup@1") == pytest.approx(2.0)         # 1 / 0.5
     assert metric_value(r, "size_ratio") == 0.25 and metric_value(r, "macs_ratio") == 0.4
     assert metric_value(r, "params_ratio") == 0.25
-    assert metric_value(r, "latency_ms") == 0.5
+    assert metric_value(r, "latency_ms") == 0.5 == metric_value(r, "latency_ms@1")
+    assert metric_value(r, "latency_ms@64") == 4.0
+    assert metric_value(r, "accuracy") == metric_value(r, "student_accuracy")
     assert set(METRICS) >= {"accuracy_drop", "speedup", "size_ratio", "macs_ratio", "params_ratio",
                             "student_accuracy", "latency_ms"}
 

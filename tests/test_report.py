@@ -95,7 +95,8 @@ def test_report_json_has_schema_uri_and_the_same_fields_as_before(exported):
     assert set(raw["student"]["verification"]) == {"max_abs_diff", "top1_agreement", "top1_ties", "samples",
                                                    "inputs", "atol"}
     assert set(raw["latency"]["onnxruntime"]["CPUExecutionProvider"]["student"]["1"]) == {
-        "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput", "runs", "provider", "threads"}
+        "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "p25_ms", "p75_ms", "throughput", "runs", "provider",
+        "threads"}  # p25/p75 (optional): the spread of baseline latency gates
     assert report.to_json() == raw  # written and read back: the same JSON
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report.to_json()))
 
@@ -188,7 +189,7 @@ def test_older_and_teacherless_reports_still_read(exported, tmp_path):
     del raw["student"]["verification"]["top1_ties"], raw["student"]["verification"]["atol"]
     del raw["accuracy"]["teacher_pytorch"], raw["accuracy"]["drop_pt"]
     for stats in raw["latency"]["onnxruntime"]["CPUExecutionProvider"]["student"].values():
-        del stats["mean_ms"], stats["min_ms"]
+        del stats["mean_ms"], stats["min_ms"], stats["p25_ms"], stats["p75_ms"]
     older = parse_report(raw)
     assert older.accuracy.teacher_pytorch is None and older.student.export_notes == []
     assert check_gates(older, ["accuracy_drop > 100", "speedup < 0"]) == []
@@ -210,7 +211,8 @@ def test_every_gate_name_resolves_on_a_real_report(exported):
         "speedup": report.latency.speedup["CPUExecutionProvider"]["4"],
         "speedup@N": report.latency.speedup["CPUExecutionProvider"]["1"],
         "size_ratio": report.ratios.size, "macs_ratio": report.ratios.macs, "params_ratio": report.ratios.params,
-        "latency_ms": cpu["student"]["1"].median_ms,
+        "latency_ms": cpu["student"]["1"].median_ms, "latency_ms@N": cpu["student"]["1"].median_ms,
+        "accuracy": 100 * report.accuracy.student_onnx,
     }
     assert set(METRICS) == set(expected)
     for name, want in expected.items():

@@ -34,7 +34,7 @@ from kdcli.export.latency import (available_providers, default_threads, make_ses
 from kdcli.files import atomic_write_bytes
 from kdcli.prune.pruner import count_macs_params
 from kdcli.reports.export import write_reports
-from kdcli.reports.gates import check_gates, parse_gate
+from kdcli.reports.gates import check_gates, parse_gates
 from kdcli.reports.models import PRIMARY_PROVIDER, REPORT_NAME, REPORT_VERSION, ExportReport
 
 INPUT_NAME = "input"
@@ -327,7 +327,8 @@ def _environment() -> dict:
 def export_report(student: nn.Module, info: dict, out_dir: str | Path, *, teacher: nn.Module | None = None,
                   teacher_info: dict | None = None, x_eval: torch.Tensor | None = None,
                   y_eval: torch.Tensor | None = None, batch_sizes=(1, 64), opset: int = 18, gates=(),
-                  time_budget_s: float = 2.0, reporter=None) -> ExportReport:
+                  time_budget_s: float = 2.0, reporter=None, baseline: ExportReport | None = None,
+                  baseline_source: str = "report") -> ExportReport:
     """Export ``student`` (and ``teacher``) to ``out_dir``, verify, evaluate, time, write the reports,
     and return the report (:class:`kdcli.reports.models.ExportReport`).
 
@@ -336,14 +337,15 @@ def export_report(student: nn.Module, info: dict, out_dir: str | Path, *, teache
     verification inputs (random inputs otherwise, noted). Writes ``student.onnx``, ``teacher.onnx``
     and ``report.json/.md/.html``. ``gates`` (``kdcli.reports.gates``) are parsed before any work
     (InputError for a malformed one) and evaluated at the end: failed gates are listed in
-    ``report.gates.failures``, never raised; the caller decides (the CLI exits 3).
+    ``report.gates.failures``, never raised; the caller decides (the CLI exits 3). ``baseline``
+    (an earlier run's report, ``baseline_source`` naming its file) is what ``baseline.<metric>``
+    in a gate reads; a gate naming it without one is an InputError before any work.
     """
     from datetime import datetime, timezone
 
 
     gates = list(gates or [])
-    for g in gates:  # a typo in a gate should fail before minutes of measuring, not after
-        parse_gate(g)
+    parse_gates(gates, baseline, baseline_source)  # a typo in a gate should fail before minutes of measuring
     reporter = reporter or Reporter(quiet=True)
     out_dir = Path(out_dir)
     batch_sizes = [int(b) for b in batch_sizes]
@@ -409,7 +411,7 @@ def export_report(student: nn.Module, info: dict, out_dir: str | Path, *, teache
                     "primary_provider": PRIMARY_PROVIDER, "onnxruntime": ort_lat, "pytorch": eager,
                     "speedup": speedup},
         "gates": {"expressions": gates, "failures": []}, "notes": notes})
-    report.gates.failures = check_gates(report, gates)
+    report.gates.failures = check_gates(report, gates, baseline, baseline_source)
     write_reports(report, out_dir)
     return report
 

@@ -115,6 +115,9 @@ class LatencyStats(_Strict):
     p99_ms: float
     mean_ms: Optional[float] = None
     min_ms: Optional[float] = None
+    p25_ms: Optional[float] = Field(None, description=(
+        "first quartile; with p75_ms the spread that baseline latency gates allow for (absent from earlier reports)"))
+    p75_ms: Optional[float] = Field(None, description="third quartile (absent from earlier reports)")
     throughput: float = Field(description="samples per second at the median")
     runs: int
     provider: str = Field(description="the provider that ran it (pytorch-eager for PyTorch)")
