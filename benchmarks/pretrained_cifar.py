@@ -451,7 +451,9 @@ class Cells:
     """Finished cells, one JSON line each in ``cells.jsonl``: ``kind`` cell (model, target, seed,
     side) or plan (the baseline's pruning scan of a model)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, shared: "Cells | None" = None):
+        self.shared = shared  # where the baseline's rows (plans, baseline cells) live, if elsewhere
+        folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "cells.jsonl"
         self.rows: dict[tuple, dict] = {}
         if self.path.is_file():
@@ -466,10 +468,19 @@ class Cells:
     def key(row: dict) -> tuple:
         return (row["kind"], row["model"], row.get("target"), row.get("seed"), row.get("side"))
 
+    def _owner(self, kind, side) -> "Cells":
+        return self.shared if self.shared is not None and (kind == "plan" or side == "baseline") else self
+
     def get(self, kind, model, target=None, seed=None, side=None) -> dict | None:
+        owner = self._owner(kind, side)
+        if owner is not self:
+            return owner.get(kind, model, target, seed, side)
         return self.rows.get((kind, model, target, seed, side))
 
     def add(self, row: dict) -> None:
+        owner = self._owner(row["kind"], row.get("side"))
+        if owner is not self:
+            return owner.add(row)
         self.rows[self.key(row)] = row
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -478,6 +489,12 @@ class Cells:
 
 
 # ----------------------------------------------------------------------------- statistics and the report
+
+
+def _baseline_done(cells: Cells, m, t, s) -> bool:
+    """Whether the baseline cell of (model, target, seed) is cached for kdcli's epoch count there."""
+    b, k = cells.get("cell", m, t, s, "baseline"), cells.get("cell", m, t, s, "kdcli")
+    return b is not None and (k is None or b.get("epochs") == k.get("epochs"))
 
 
 def mean_se(values: list[float]) -> dict:
@@ -598,7 +615,7 @@ def main() -> None:
                                                            "(default: 2 for the CPU budget, else 1)")
     ap.add_argument("--importance", default="magnitude",
                     help="kdcli's prune.importance (default magnitude; see the docstring for why)")
-    ap.add_argument("--allocation", default="uniform", choices=["uniform", "global"],
+    ap.add_argument("--allocation", default="uniform", choices=["uniform", "global", "sensitivity"],
                     help="kdcli's prune.allocation (default uniform; see the docstring for why)")
     ap.add_argument("--round-to", type=int, default=8, help="round_to of both sides")
     ap.add_argument("--baseline-scope", choices=["auto", "uniform", "global"], default="auto",
@@ -633,7 +650,12 @@ def main() -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / "settings.json").write_text(json.dumps(settings, indent=1))
     cfg = {**settings, "budget": budget, "threads": threads, "cache_dir": str(cache_dir)}
-    cells = Cells(cache_dir)
+    # the baseline does not depend on kdcli's importance and allocation: its cells are shared by
+    # every kdcli setting of the same budget (and reused only for the same epoch count)
+    b_settings = {k: v for k, v in settings.items() if k not in ("importance", "allocation")}
+    b_settings["set"] = [o for o in args.set if not o.startswith("prune.")]  # kdcli's own settings
+    b_key = hashlib.sha256(json.dumps(b_settings, sort_keys=True).encode()).hexdigest()[:12]
+    cells = Cells(cache_dir, shared=Cells(cache_dir.parent / f"pretrained_cifar-{budget_name}-baseline-{b_key}"))
     log.info(f"pretrained_cifar: budget {budget_name}, {len(models)} models x {len(targets)} targets x "
              f"{len(seeds)} seeds, {jobs} job(s) x {threads} thread(s), cache {cache_dir}")
     t_start = time.perf_counter()
@@ -673,7 +695,7 @@ def main() -> None:
         for m, t, s in todo:
             if cells.get("cell", m, t, s, "kdcli") is None:
                 pending[submit(kdcli_side, m, t, s, cfg)] = (m, t, s, "kdcli")
-            elif cells.get("cell", m, t, s, "baseline") is None:
+            elif not _baseline_done(cells, m, t, s):
                 pending[baseline_task(m, t, s)] = (m, t, s, "baseline")
         while pending:
             done, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
@@ -687,7 +709,7 @@ def main() -> None:
                     failures.append({"model": m, "target": t, "seed": s, "side": side, "error": msg})
                     continue
                 cells.add({"kind": "cell", "model": m, "target": t, "seed": s, "side": side, **rec})
-                if side == "kdcli" and cells.get("cell", m, t, s, "baseline") is None:
+                if side == "kdcli" and not _baseline_done(cells, m, t, s):
                     pending[baseline_task(m, t, s)] = (m, t, s, "baseline")
     finally:
         if pool is not None:
@@ -728,7 +750,7 @@ def main() -> None:
                                  "scan_seconds": p["seconds"]} for m, p in plans.items()},
         "results": results, "floors": floors, "failures": failures,
         "cells": [{k: v for k, v in r.items() if k not in ("widths", "splits")}
-                  for r in cells.rows.values() if r["kind"] == "cell" and r["model"] in models
+                  for r in [*cells.rows.values(), *cells.shared.rows.values()] if r["kind"] == "cell" and r["model"] in models
                   and r["target"] in targets and r["seed"] in seeds],
         "cache_dir": str(cache_dir), "wall_seconds": round(time.perf_counter() - t_start, 1),
         "load_average": load_average(),

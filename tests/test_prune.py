@@ -448,3 +448,38 @@ def test_plan_uniform_removes_the_same_fraction_of_every_group_lowest_scores_fir
     assert 0.2 < ratio < 0.5
     _, glob = p.plan_for_macs(scores, 0.5 * total)
     assert len(glob.get("0", [])) > len(glob.get("2", []))  # the global plan does favour one group
+
+
+def test_sensitivity_allocation_cuts_where_the_output_barely_moves():
+    """prune.allocation: sensitivity measures each group's damage (KL of the outputs) per MAC
+    saved: of two branches of equal cost, the one the classifier barely reads is cut first."""
+    from kdcli.dkdp.compress import _sensitivity_plan
+
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 16, 3, padding=1)
+            self.b = nn.Conv2d(3, 16, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+            return self.fc(self.pool(y).flatten(1))
+
+    torch.manual_seed(0)
+    model = TwoBranches().eval()
+    with torch.no_grad():
+        model.fc.weight[:, 16:] *= 1e-3  # branch b hardly reaches the logits
+    ex = torch.zeros(1, 3, 8, 8)
+    p = StructuredPruner(model, ex)
+    total = count_macs_params(model, ex)[0]
+    scores = p.score()
+    batches = [(torch.randn(32, 3, 8, 8), torch.zeros(32, dtype=torch.long))]
+    damage, plan = _sensitivity_plan(p, scores, model, batches, 0.7 * total, [0.125 * i for i in range(1, 8)])
+    assert p.plan_macs(plan) <= 0.7 * total
+    assert len(plan.get("b", [])) >= 10 and len(plan.get("a", [])) <= 2, plan
+    assert damage >= 0
+    _, uniform = p.plan_uniform(scores, 0.7 * total)  # the control: a uniform cut takes from both
+    assert len(uniform.get("a", [])) >= 4
+    assert count_macs_params(model, ex)[0] == total  # the scan left the model as it was

@@ -13,7 +13,9 @@ a model name must be a built-in or a ``module:factory`` / existing ``file.py:fac
 imported to validate a recipe).
 
 Units: ``target.macs`` and ``target.params`` are fractions of the teacher's when <= 1, absolute
-counts when > 1; ``target.max_accuracy_drop`` is a fraction (0.01 = one percentage point).
+counts when > 1; ``target.max_accuracy_drop`` is a fraction (0.01 = one percentage point);
+``target.latency_ms`` is milliseconds and ``target.speedup`` a factor (teacher / student latency),
+both at ``target.batch_size`` (see :class:`TargetSpec`).
 """
 
 from __future__ import annotations
@@ -135,15 +137,29 @@ class PruneSpec(Strict):
     # after an undone step the schedule grows (smaller steps) up to max_steps (default 3 x steps)
     max_steps: int | None = Field(None, ge=1, le=300)
     # how a step's cut is spread over the groups: below one threshold τ on the group-normalised
-    # scores (global), or the same fraction of every group (uniform; then τ is that fraction)
-    allocation: Literal["global", "uniform"] = "global"
+    # scores (global), the same fraction of every group (uniform; then τ is that fraction), or
+    # by measured damage per MAC saved (sensitivity: each group pruned alone at each of
+    # sensitivity_ratios, the output shift measured on the score batches)
+    allocation: Literal["global", "uniform", "sensitivity"] = "global"
+    sensitivity_ratios: list[float] = Field(default_factory=lambda: [0.125 * i for i in range(1, 8)])
     # a step may cost step_tolerance x target.max_accuracy_drop before later distillation recovers it
     step_tolerance: float = Field(2.0, ge=1, le=100)
-    round_to: int | None = Field(None, ge=1, le=1024)
+    # channel counts left are multiples of round_to (groups no wider stay whole); 1: any width.
+    # 8 by default: onnxruntime's CPU convolutions run in blocks of 8 channels on AVX2 (NCHWc;
+    # 16 on AVX-512, where 16 suits better) and fp16 tensor cores want multiples of 8; with
+    # any width a MobileNetV2 at half the MACs ran slower than its teacher (README, "round_to")
+    round_to: int | None = Field(8, ge=1, le=1024)
     ignored_layers: list[str] = Field(default_factory=list)
     ratios_from: str | None = None  # analysis.json whose suggested ratios seed the first step
     score_batches: int = Field(4, ge=1, le=10_000)
     final_epochs: int = Field(0, ge=0, le=10_000)
+
+    @field_validator("sensitivity_ratios")
+    @classmethod
+    def _ratios(cls, v):
+        if not v or any(not 0 < r < 1 for r in v):
+            raise ValueError(f"ratios must be a non-empty list of numbers in (0, 1) (got {_short(v)})")
+        return sorted(set(float(r) for r in v))
 
     @model_validator(mode="after")
     def _max_steps(self) -> "PruneSpec":
@@ -158,10 +174,24 @@ class PruneSpec(Strict):
 
 
 class TargetSpec(Strict):
+    """``target:``. Resources: ``macs``/``params`` (fractions of the teacher's when <= 1, counts
+    above), ``latency_ms`` (the student's median onnxruntime latency, ms) and ``speedup`` (the
+    teacher's median onnxruntime latency over the student's, both timed alternately), measured
+    on this machine at ``batch_size``: by default the largest of ``export.batch_sizes`` with a
+    ``speedup`` (what a bare ``speedup`` gate reads) and 1 with ``latency_ms`` alone (what a bare
+    ``latency_ms`` gate reads); with both, give it. Both drive the loop: each step aims at a
+    latency through a latency model of the student (:mod:`kdcli.export.latency_model`), and the
+    export report's measurement judges the result. ``allow_slower``: a student measured slower
+    than its teacher at some batch size (beyond the measurement noise) is a warning, not a failed
+    run (exit 3), for a recipe where speed does not matter."""
+
     # absolute counts up to 1e18 (an exa-MAC): beyond that a count is a typo, not a model
     macs: float | None = Field(None, gt=0, le=1e18)
     params: float | None = Field(None, gt=0, le=1e18)
     latency_ms: float | None = Field(None, gt=0, le=1e7)
+    speedup: float | None = Field(None, ge=1, le=1000)
+    batch_size: int | None = Field(None, ge=1, le=65536)
+    allow_slower: bool = False
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)
 
     # A field validator, not a model validator: its errors then name target.macs, not target.
@@ -171,6 +201,27 @@ class TargetSpec(Strict):
         if v is not None and v > 1 and v != int(v):
             raise ValueError(f"a fraction must be <= 1, an absolute count a whole number (got {v})")
         return v
+
+    @model_validator(mode="after")
+    def _speed(self) -> "TargetSpec":
+        if self.batch_size is not None and self.speedup is None and self.latency_ms is None:
+            raise field_error("batch_size", "the batch size of a speedup or latency_ms target; set one of them "
+                                            "(or remove batch_size)")
+        if self.speedup is not None and self.latency_ms is not None and self.batch_size is None:
+            raise field_error("batch_size", "required with both speedup and latency_ms (alone, speedup is "
+                                            "measured at the largest of export.batch_sizes and latency_ms at 1)")
+        if self.allow_slower and self.speedup is not None:
+            raise field_error("allow_slower", f"contradicts speedup {self.speedup:g}: a speed-up target "
+                                              "asks for a faster student; remove one of them")
+        return self
+
+    def resolved_batch_size(self, export_batch_sizes) -> int:
+        """The batch size the latency targets are measured at (see the class docstring)."""
+        if self.batch_size is not None:
+            return int(self.batch_size)
+        if self.speedup is not None:
+            return int(max(export_batch_sizes))
+        return 1
 
 
 class ExportSpec(Strict):
@@ -685,3 +736,18 @@ def recipe_json_schema() -> dict:
 def builtin_recipe_path(name: str = "quickstart") -> Path:
     """The path of a recipe shipped inside the package (``kdcli/recipes/NAME.yaml``)."""
     return Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml"
+
+
+def builtin_recipes() -> dict[str, str]:
+    """The recipes shipped inside the package: name → the first sentence of its leading comment."""
+    out = {}
+    for path in sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")):
+        lines = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("#"):
+                break
+            lines.append(line.lstrip("# ").strip())
+        text = " ".join(lines)
+        first = re.split(r"(?<!\bal\.)(?<=[.!?])\s", text, maxsplit=1)[0]  # "et al." ends no sentence
+        out[path.stem] = first if len(first) <= 120 else first[:119].rsplit(" ", 1)[0] + " …"
+    return out

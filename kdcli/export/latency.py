@@ -37,11 +37,12 @@ def available_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
 
-def make_session(path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+def make_session(path: str | Path | bytes, *, providers: Sequence[str] | None = None, threads: int | None = None,
                  spinning: bool = True):
     """An onnxruntime InferenceSession with full graph optimisation and ``threads`` intra-op threads.
 
-    ``providers`` defaults to CPU only; CPU is always appended as the fallback provider.
+    ``path``: a model file, or the serialised model itself (bytes). ``providers`` defaults to CPU
+    only; CPU is always appended as the fallback provider.
     ``spinning=False`` stops idle pool threads from busy-waiting for work (see measure_latency).
     """
     import onnxruntime as ort
@@ -57,14 +58,17 @@ def make_session(path: str | Path, *, providers: Sequence[str] | None = None, th
     provs = list(providers or ["CPUExecutionProvider"])
     if "CPUExecutionProvider" not in provs:
         provs.append("CPUExecutionProvider")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=provs)
+    model = bytes(path) if isinstance(path, (bytes, bytearray)) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=provs)
 
 
 def _summary(times_s: list[float], batch_size: int) -> dict:
     ms = np.asarray(times_s) * 1e3
     med = float(np.median(ms))
-    return {"median_ms": med, "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
+    p25, p75, p90, p99 = (float(v) for v in np.percentile(ms, [25, 75, 90, 99]))
+    # the quartiles give the spread a baseline latency gate allows for (kdcli.reports.gates)
+    return {"median_ms": med, "p90_ms": p90, "p99_ms": p99,
+            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "p25_ms": p25, "p75_ms": p75,
             "throughput": batch_size / (med / 1e3) if med > 0 else float("inf"), "runs": int(len(ms))}
 
 
@@ -93,8 +97,8 @@ def measure_latency(models: dict[str, str | Path], input_shape: Sequence[int], b
     """onnxruntime latency of each ONNX model in ``models`` (name → path) on inputs [bs, *input_shape].
 
     Models are timed alternating within each batch size, ``time_budget_s`` per batch size shared by
-    all models. Returns ``{name: {bs: {"median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms",
-    "throughput" (samples/s), "runs", "provider", "threads"}}}``; ``provider`` is the one
+    all models. Returns ``{name: {bs: {"median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "p25_ms",
+    "p75_ms", "throughput" (samples/s), "runs", "provider", "threads"}}}``; ``provider`` is the one
     onnxruntime actually used (``providers[0]`` unless it is unavailable).
     """
     threads = int(threads or default_threads())

@@ -9,6 +9,7 @@ the recipe has a VID term, its layer weights λ as a heatmap.
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 from kdcli.files import atomic_write_json, atomic_write_text
@@ -48,6 +49,32 @@ def speedups(result) -> dict[int, float]:
     return {int(bs): float(v) for bs, v in sorted(table.items(), key=lambda kv: int(kv[0]))}
 
 
+def primary_latency(export: dict | None) -> dict:
+    """``{model: {bs (str): stats}}``: the export report's onnxruntime latencies on its primary
+    provider; {} without them."""
+    lat = (export or {}).get("latency") or {}
+    return (lat.get("onnxruntime") or {}).get(lat.get("primary_provider"), {}) or {}
+
+
+def measured_speedups(export: dict | None) -> dict[int, tuple[float, float | None]]:
+    """``{bs: (teacher / student median latency, its spread)}`` on the primary provider; the
+    spread ``(T/S)·√((s_T/T)² + (s_S/S)²)`` with s half the interquartile range of a model's timed
+    runs (as :mod:`kdcli.reports.gates` computes it), None without recorded quartiles."""
+    tab = primary_latency(export)
+    out = {}
+    for bs, s in sorted((tab.get("student") or {}).items(), key=lambda kv: int(kv[0])):
+        t = (tab.get("teacher") or {}).get(bs)
+        if not isinstance(t, dict) or not isinstance(s, dict) or not t.get("median_ms") or not s.get("median_ms"):
+            continue
+        tm, sm = float(t["median_ms"]), float(s["median_ms"])
+        spread = None
+        if all(isinstance(d.get(k), (int, float)) for d in (t, s) for k in ("p25_ms", "p75_ms")):
+            st, ss = (t["p75_ms"] - t["p25_ms"]) / 2, (s["p75_ms"] - s["p25_ms"]) / 2
+            spread = (tm / sm) * math.hypot(st / tm, ss / sm)
+        out[int(bs)] = (tm / sm, spread)
+    return out
+
+
 def slower_warning(result) -> str | None:
     """A line naming the batch sizes at which the student ran slower than its teacher, or None."""
     slow = {bs: v for bs, v in speedups(result).items() if v < 1.0}
@@ -55,7 +82,8 @@ def slower_warning(result) -> str | None:
         return None
     return ("the student is SLOWER than the teacher in onnxruntime at batch " +
             ", ".join(f"{bs} ({ratio(v, 2)})" for bs, v in slow.items()) +
-            " despite its MACs ratio; set prune.round_to (e.g. 8) for hardware-friendly widths")
+            " despite its MACs ratio; keep hardware-friendly widths (prune.round_to 8, the default, or 16) "
+            "and aim at speed (target.speedup)")
 
 
 def summary_rows(result) -> list[tuple[str, str, str]]:

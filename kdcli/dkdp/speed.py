@@ -1,0 +1,126 @@
+"""Latency and speed-up targets in the DKDP loop: what is measured, and where a step aims.
+
+- :func:`reference_latency_ms`: the teacher's onnxruntime latency at the target's batch size,
+  measured once when a run with a speed-up target opens;
+- :func:`student_latency_ms`: the student's latency in the target's terms (see
+  :mod:`kdcli.dkdp.target`): timed alone for a latency target, alternately with the teacher for a
+  speed-up target (then ``teacher reference × student / teacher``), at the slow end of the
+  measurement's noise;
+- :class:`SpeedStep`: one step's latency aim, on the geometric path of
+  :meth:`~kdcli.dkdp.target.Target.next_latency` from the measured student to the target, and its
+  plan: the latency lookup table of the run directory (``latency_lut.json``, reused on resume)
+  calibrated on the measured student, then :func:`kdcli.export.latency_model.plan_for_latency`.
+
+Timing is onnxruntime's on this machine with as many intra-op threads as the process may use,
+as the export report times it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+
+from kdcli.dkdp.target import Target
+from kdcli.export.latency_model import LUT_FILE
+MARGIN = 0.03  # a step that aims at the target aims this much under it: the final measurement is noisy
+TIME_BUDGET_S = 1.0  # seconds of timed runs per measurement in the loop (the export report takes its own)
+NOISE_CAP = 0.10  # the most the loop's latency is raised for its measurement noise
+
+
+def reference_latency_ms(teacher: nn.Module, input_shape: Sequence[int], batch_size: int) -> float:
+    """The teacher's median onnxruntime latency (ms) at ``batch_size``."""
+    from kdcli.export.latency_model import measure_models
+
+    return float(measure_models({"teacher": teacher}, input_shape, batch_size,
+                                time_budget_s=TIME_BUDGET_S)["teacher"]["median_ms"])
+
+
+def student_latency_ms(student: nn.Module, teacher: nn.Module, target: Target, input_shape: Sequence[int]) -> float:
+    """The student's latency (ms at ``target.batch_size``) in the target's terms, at the slow end
+    of its noise: its median alone, or with a speed-up target ``target.teacher_latency_ms ×
+    student / teacher`` from alternating runs of both, times ``1 + `` the measurement's relative
+    spread (half the interquartile range of the timed runs; of both models for a ratio), at most
+    ``NOISE_CAP``. The loop stops once the target holds by more than the noise, so that the
+    export report's own measurement, which judges the run, finds it held too."""
+    from kdcli.export.latency_model import measure_models
+
+    bs = target.batch_size
+    if target.speedup is None:
+        s = measure_models({"student": student}, input_shape, bs, time_budget_s=TIME_BUDGET_S)["student"]
+        return float(s["median_ms"]) * (1 + min(_rel_spread(s), NOISE_CAP))
+    lat = measure_models({"teacher": teacher, "student": student}, input_shape, bs, time_budget_s=TIME_BUDGET_S)
+    t, s = lat["teacher"], lat["student"]
+    rel = math.hypot(_rel_spread(t), _rel_spread(s))
+    return float(target.teacher_latency_ms * s["median_ms"] / t["median_ms"]) * (1 + min(rel, NOISE_CAP))
+
+
+def _rel_spread(stats: dict) -> float:
+    """Half the interquartile range over the median (0 without quartiles)."""
+    try:
+        return max(0.0, (float(stats["p75_ms"]) - float(stats["p25_ms"])) / 2 / float(stats["median_ms"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 0.0
+
+
+@dataclass
+class SpeedStep:
+    """What a pruning step needs to aim at a latency: the target, the run directory (for the
+    lookup table), the teacher (a speed-up is measured against it) and the input shape, and the
+    loop's schedule: steps left, aggressiveness, whether this is the last step the schedule may
+    take (it aims at the target), and the smallest after/before ratio a step may reach once a
+    step was undone (the MACs ratio of :meth:`kdcli.dkdp.compress.Loop.min_ratio`, applied to
+    latency)."""
+
+    target: Target
+    run_dir: Path
+    teacher: nn.Module
+    input_shape: tuple
+    steps_left: int
+    aggressiveness: float
+    last: bool = False
+    floor: float | None = None
+
+    def aim_ms(self, current_ms: float) -> float:
+        """This step's latency aim from the measured ``current_ms``."""
+        goal = self.target.latency_aim
+        if current_ms <= goal:
+            return current_ms  # fast enough: another target (MACs, parameters) asks for this step
+        aim = goal if self.last else self.target.next_latency(current_ms, self.steps_left, self.aggressiveness)
+        if self.floor is not None and not self.last:
+            aim = max(aim, current_ms * self.floor)
+        if aim <= goal * (1 + 1e-9):
+            aim = goal * (1 - MARGIN)
+        return min(aim, current_ms)
+
+    def plan(self, pruner, scores: dict, aim_macs: float, failed_macs: int | None = None,
+             reporter=None, k: int = 0) -> tuple[float, dict[str, list[int]]]:
+        """(τ, plan) for this step: the plan whose predicted latency lands just under the aim,
+        then, with a MACs target too, blocks taken away until the MACs aim holds; a retry after
+        an undone attempt (``failed_macs``) aims higher until its plan cuts less."""
+        from kdcli.export.latency_model import LatencyModel, LatencyTable, plan_for_latency
+
+        current = student_latency_ms(pruner.model, self.teacher, self.target, self.input_shape)
+        aim = self.aim_ms(current)
+        if aim >= current:  # the latency target holds: the step serves the MACs (or parameters) target
+            return pruner.plan_for_macs(scores, aim_macs)
+        table = LatencyTable(Path(self.run_dir) / LUT_FILE)
+        model = LatencyModel(pruner.model, pruner.example, table, self.target.batch_size)
+        model.calibrate(current)
+        result = plan_for_latency(pruner, scores, aim, model)
+        for _ in range(10):
+            if failed_macs is None or not result.plan or pruner.plan_macs(result.plan) > failed_macs:
+                break
+            aim += (current - aim) * 0.3  # the undone attempt's cut held no more: cut less
+            result = plan_for_latency(pruner, scores, aim, model)
+        plan = result.plan
+        if self.target.macs is not None and pruner.plan_macs(plan) > aim_macs:
+            plan = pruner.take_to_macs(scores, plan, aim_macs)
+        if reporter is not None:
+            reporter.info(f"step {k}: latency {current:.3f} ms at batch {self.target.batch_size} → aim {aim:.3f} ms, "
+                          f"predicted {result.predicted_ms:.3f} ms (lookup table: {len(table)} layer timings, "
+                          f"{table.measured} new; calibration ×{model.scale:.3g})")
+        return result.tau, plan
