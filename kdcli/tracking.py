@@ -176,6 +176,9 @@ class Tracker:
         self._epochs[phase] = x = self._epochs.get(phase, 0) + 1
         values = {f"{phase}/{_key(k)}": v for k, v in metrics.items()
                   if k not in ("epoch", "epochs") and _finite(v)}
+        for name, v in (metrics.get("loss_terms") or {}).items():  # each distillation term, unweighted
+            if _finite(v):
+                values[f"{phase}/loss/{_key(name)}"] = v
         self._each("scalars", values, x)
 
     def finish(self, result) -> None:

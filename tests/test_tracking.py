@@ -83,6 +83,12 @@ def test_tensorboard_holds_steps_epochs_and_the_result(tracked):
     assert [e.value for e in acc.Scalars("step/macs_ratio")] == pytest.approx([r["macs_ratio"] for r in result["steps"]])
     assert len(acc.Scalars("epoch/train_loss")) == _expected_epochs(result)
     assert len(acc.Scalars("teacher_train/train_loss")) == 3  # teacher.train.epochs
+    # each distillation term of the quickstart (kd + ce), per epoch, unweighted
+    assert {"epoch/loss/kd", "epoch/loss/ce"} <= tags
+    assert len(acc.Scalars("epoch/loss/kd")) == _expected_epochs(result)
+    kd_weight, ce_weight = 0.9, 0.1
+    for total, kd, ce in zip(acc.Scalars("epoch/train_loss"), acc.Scalars("epoch/loss/kd"), acc.Scalars("epoch/loss/ce")):
+        assert total.value == pytest.approx(kd_weight * kd.value + ce_weight * ce.value, rel=1e-3)
     assert acc.Scalars("final/macs_ratio")[0].value == pytest.approx(result["student"]["macs_ratio"])
     assert {"recipe/text_summary", "step/reason/text_summary", "report/text_summary"} <= set(acc.Tags()["tensors"])
 

@@ -58,6 +58,8 @@ class Epoch(Strict):
     epoch_seconds: float
     val_accuracy: Optional[float] = Field(None, description="absent without validation data")
     val_loss: Optional[float] = None
+    loss_terms: Optional[dict[str, float]] = Field(
+        None, description="each loss term's unweighted mean over the epoch's samples, by term name")
 
 
 class Step(Strict):

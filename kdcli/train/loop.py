@@ -167,13 +167,14 @@ def fit(model: nn.Module, loader, cfg, *, objective: Objective | None = None,
         if before_epoch is not None:
             before_epoch(epoch)
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        part_sums: dict[str, torch.Tensor] = {}  # each loss term, unweighted, summed over samples
         te = time.perf_counter()
         for step, (x, y, idx) in enumerate(loader):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, epoch + step / steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with ctx:
-                loss, logits, _parts = objective(x, y, idx)
+                loss, logits, parts = objective(x, y, idx)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
@@ -194,11 +195,15 @@ def fit(model: nn.Module, loader, cfg, *, objective: Objective | None = None,
                 optimizer.step()
             n = y.numel()
             loss_sum += loss.detach().float() * n
+            for name, value in (parts or {}).items():
+                part_sums[name] = part_sums.get(name, 0.0) + value.detach().float() * n
             correct += (logits.detach().argmax(1) == y).sum()
             seen += n
         metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "train_loss": (loss_sum / max(seen, 1)).item(),
                    "train_accuracy": (correct / max(seen, 1)).item(),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - te}
+        if part_sums:
+            metrics["loss_terms"] = {k: (v / max(seen, 1)).item() for k, v in part_sums.items()}
         if val_batches is not None:
             ev = evaluate(model, val_batches, device)
             metrics.update(val_accuracy=ev["accuracy"], val_loss=ev["loss"])
