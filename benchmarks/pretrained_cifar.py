@@ -6,11 +6,12 @@ images) compressed to ``target.macs`` 0.5 and 0.35 of their MACs, two ways, on t
 images, epochs and evaluation images:
 
 - **kdcli**: ``start_run`` + ``compress`` (the library API) on a recipe that names the checkpoint
-  and the model file (``--importance``, default magnitude; ``--allocation``, default uniform;
+  and the model file (``--importance``, default magnitude; ``--allocation``, default sensitivity;
   ``round_to`` 8, Hinton KD T=4 weight 0.9 + CE 0.1, ``target.max_accuracy_drop`` 0.015, export
   off). Why these: on ResNet-20, seed 0, the same budget, 2 steps to 0.5x MACs, test accuracy was
   87.8 % (magnitude, uniform), 86.8 % (activation, uniform), 83.8 % (magnitude, global) and
-  82.4 % (activation, global). Taylor is not offered as the default: these checkpoints have
+  82.4 % (activation, global); over 3 seeds ``sensitivity`` (magnitude) kept 89.3 % on ResNet-20
+  and 91.7 % on ResNet-56 against 87.7 % and 88.9 % for ``uniform``. Taylor is not offered as the default: these checkpoints have
   memorised the training images (cross-entropy 0.007 on kdcli's scoring batches), so its
   gradients are noise unless the scoring batches are augmented (pruned once to 0.79 of the MACs
   and not trained: 28 % validation accuracy un-augmented, 65 % augmented; activation 72 %).
@@ -615,8 +616,8 @@ def main() -> None:
                                                            "(default: 2 for the CPU budget, else 1)")
     ap.add_argument("--importance", default="magnitude",
                     help="kdcli's prune.importance (default magnitude; see the docstring for why)")
-    ap.add_argument("--allocation", default="uniform", choices=["uniform", "global", "sensitivity"],
-                    help="kdcli's prune.allocation (default uniform; see the docstring for why)")
+    ap.add_argument("--allocation", default="sensitivity", choices=["uniform", "global", "sensitivity"],
+                    help="kdcli's prune.allocation (default sensitivity; see the docstring for why)")
     ap.add_argument("--round-to", type=int, default=8, help="round_to of both sides")
     ap.add_argument("--baseline-scope", choices=["auto", "uniform", "global"], default="auto",
                     help="Torch-Pruning's ratio scope (auto: uniform, then global; one step(), then iterative_steps "

@@ -141,7 +141,7 @@ class PruneSpec(Strict):
     # by measured damage per MAC saved (sensitivity: each group pruned alone at each of
     # sensitivity_ratios, the output shift measured on the score batches)
     allocation: Literal["global", "uniform", "sensitivity"] = "global"
-    sensitivity_ratios: list[float] = Field(default_factory=lambda: [0.125 * i for i in range(1, 8)])
+    sensitivity_ratios: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
     # a step may cost step_tolerance x target.max_accuracy_drop before later distillation recovers it
     step_tolerance: float = Field(2.0, ge=1, le=100)
     # channel counts left are multiples of round_to (groups no wider stay whole); 1: any width.
