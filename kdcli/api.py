@@ -52,8 +52,8 @@ from kdcli.config.recipe import Recipe, builtin_recipe_path, load_recipe, parse_
 from kdcli.console import Reporter
 from kdcli.data.loader import DataBundle
 from kdcli.dkdp.compress import compress as run_compress
-from kdcli.dkdp.compress import resume_recipe, start_run
-from kdcli.dkdp.run import RunLock
+from kdcli.dkdp.compress import start_run
+from kdcli.dkdp.run import resume_run
 from kdcli.errors import InputError, ModelError
 from kdcli.export.onnx import export_report
 from kdcli.files import check_writable_dir
@@ -107,14 +107,7 @@ def compress(recipe: "PathLike | Recipe | None" = None, *, out_dir: PathLike | N
             raise InputError("resume continues a run with its own recipe: give no recipe or overrides with it")
 
         run_dir = Path(resume)
-        if not run_dir.is_dir():
-            raise InputError(f"resume {run_dir}: no such run directory")
-        lock = RunLock.acquire(run_dir)  # before reading its recipe, as the CLI: a live run there is refused
-        try:
-            rec = resume_recipe(run_dir, force=force)
-        except BaseException:
-            lock.release()
-            raise
+        rec = resume_run(run_dir, force=force, flag="resume")
     else:
         path, text = _recipe_source(recipe if recipe is not None else "quickstart")
         if text is not None:

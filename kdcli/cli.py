@@ -236,9 +236,8 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
     """DKDP: prune structurally and distil the teacher into the student until the recipe's target is met."""
     from kdcli.inputs import device_of
     from kdcli.dkdp.compress import compress as run_compress
-    from kdcli.dkdp.compress import resume_recipe, start_run
-
-    from kdcli.dkdp.run import RunLock
+    from kdcli.dkdp.compress import start_run
+    from kdcli.dkdp.run import resume_run
     from kdcli.tracking import open_tracker
 
     tracker = open_tracker(log or ())  # a bad --log or a missing package: exit 2 before any run starts
@@ -246,14 +245,7 @@ def compress(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (de
     if resume is not None:
         if recipe is not None or set_:
             raise InputError("--resume continues a run with its own recipe: give no RECIPE or --set with it")
-        if not resume.is_dir():
-            raise InputError(f"--resume {resume}: no such run directory")
-        lock = RunLock.acquire(resume)  # before reading its recipe: a live run there is refused
-        try:
-            rec, run_dir = resume_recipe(resume, force=force), resume
-        except BaseException:
-            lock.release()
-            raise
+        rec, run_dir = resume_run(resume, force=force), resume
     else:
         rec, run_dir = start_run(_recipe_path(recipe), out_dir=out, overrides=set_ or (), overwrite=overwrite)
     compress._resume_hint = f"kdcli compress --resume {run_dir}"

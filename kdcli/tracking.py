@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
+from kdcli import __version__
 from kdcli.console import Reporter
 from kdcli.errors import InputError
 
@@ -125,8 +126,6 @@ class Tracker:
               reporter: Reporter | None = None) -> None:
         """Open each sink's run. ``records``: the steps a resumed run already holds, so that its
         curves continue where they stopped. InputError when a sink cannot start."""
-        from kdcli import __version__
-
         self._reporter = reporter or self._reporter
         run_dir = Path(run_dir).resolve()
         self._attempts = max((int(r.get("attempt", 0)) for r in records), default=0)

@@ -32,6 +32,8 @@ import torch
 
 from kdcli.config.data import AugmentSpec, ImageFolderSource, InputAdapt, TensorShardsSource
 from kdcli.data.adapt import adapt_sample, adapted_shape
+from kdcli.data.sources import (check_image_shape, decode_image, image_files, image_folder_layout, shard_labels,
+                                shard_layout)
 from kdcli.errors import DataError
 
 RAM_SHARE = 0.25      # auto streams a set whose decoded size is over this share of the available memory
@@ -135,7 +137,6 @@ class ImageFiles:
     dtype = torch.uint8
 
     def __init__(self, root: Path, files: list[str], spec: ImageFolderSource, first=None):
-        from kdcli.data.sources import decode_image
 
         self.root = str(root)
         self.rel = np.array([os.fsencode(f) for f in files])
@@ -154,8 +155,6 @@ class ImageFiles:
         return Path(self.root) / os.fsdecode(self.rel[j])
 
     def read(self, j: int) -> torch.Tensor:
-        from kdcli.data.sources import check_image_shape, decode_image
-
         f = self.path(j)
         a = decode_image(f, self.grayscale, self.size)
         check_image_shape(a, f, *self.first)
@@ -255,8 +254,6 @@ class StreamData:
 def open_stream(spec, base_dir: Path):
     """``(train, test, class_names, what)`` of a streamable source as :class:`StreamData` (nothing
     decoded but the first image), or None when the source cannot stream (``.npz`` shards)."""
-    from kdcli.data.sources import image_files, image_folder_layout, shard_layout
-
     if isinstance(spec, ImageFolderSource):
         train_dir, test_dir, classes, what = image_folder_layout(spec, base_dir)
         files, labels = image_files(train_dir, classes)
@@ -282,8 +279,6 @@ def open_stream(spec, base_dir: Path):
 
 
 def _shard_split(shards: list, split: str, what: str) -> StreamData:
-    from kdcli.data.sources import shard_labels
-
     lengths, labels, row, dtype = [], [], None, None
     for x_path, y_path in shards:
         x, y = shard_labels((x_path, y_path), mmap=True)

@@ -49,7 +49,7 @@ from kdcli.analyze.sensitivity import pruning_sensitivity, suggest_ratios
 from kdcli.data.loader import memorised_warning, DataBundle, load_data
 from kdcli.distill.distil import distil
 from kdcli.dkdp.run import RunDir, RunLock, StepRecord, resume_recipe, start_run
-from kdcli.dkdp.speed import SpeedStep, student_latency_ms
+from kdcli.dkdp.speed import SpeedStep, reference_latency_ms, student_latency_ms
 from kdcli.dkdp.target import Target
 from kdcli.errors import InputError, TrainingDiverged
 from kdcli.models import absolute_spec, build_model
@@ -167,8 +167,11 @@ class Context:
             reporter.warn(warning)
             warnings.append(warning)
         reporter.info(f"teacher {tinfo.name}: {t_params:,} params, {t_macs:,} MACs, val {100 * t_val:.2f}%")
+        bs = recipe.target.resolved_batch_size(recipe.export.batch_sizes)
+        t_latency = (reference_latency_ms(teacher, data.input_shape, bs)  # a speed-up target times the teacher
+                     if recipe.target.speedup is not None else None)
         target = Target.of(recipe.target, t_macs, t_params, t_val, export_batch_sizes=recipe.export.batch_sizes,
-                           teacher=teacher, input_shape=data.input_shape)  # a speed-up target times the teacher
+                           teacher_latency_ms=t_latency)
         return cls(recipe, rd, data, device, reporter, example, val, test, teacher, tinfo, summary, target,
                    _granularity(recipe), bool(recipe.student.prune and target.asks_resources), warnings)
 

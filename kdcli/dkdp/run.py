@@ -181,6 +181,22 @@ def _changed_keys(old, new, prefix: str = "") -> list[str]:
 
 
 
+def resume_run(run_dir: Path, *, force: bool = False, flag: str = "--resume") -> Recipe:
+    """The recipe of the run in ``run_dir``, to continue it (:func:`resume_recipe`), with the run's
+    lock taken first so that a run live there is refused before its recipe is read; the lock stays
+    held for the run (``compress`` takes it again, as this process's). ``flag`` names the option
+    in messages (``--resume``, or the API's ``resume``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{flag} {run_dir}: no such run directory")
+    lock = RunLock.acquire(run_dir)
+    try:
+        return resume_recipe(run_dir, force=force)
+    except BaseException:
+        lock.release()
+        raise
+
+
 class RunLock:
     """An exclusive lock on a run directory (``flock`` on ``.lock`` inside it), held for a whole
     run so that a second process can neither run in nor ``--overwrite`` the same directory. The

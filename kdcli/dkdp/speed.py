@@ -25,7 +25,9 @@ from typing import Sequence
 from torch import nn
 
 from kdcli.dkdp.target import Target
-from kdcli.export.latency_model import LUT_FILE
+from kdcli.export import latency_model  # module attributes, read at call time (tests replace the timing)
+from kdcli.export.latency_model import LUT_FILE, LatencyModel, LatencyTable, plan_for_latency
+
 MARGIN = 0.03  # a step that aims at the target aims this much under it: the final measurement is noisy
 TIME_BUDGET_S = 1.0  # seconds of timed runs per measurement in the loop (the export report takes its own)
 NOISE_CAP = 0.10  # the most the loop's latency is raised for its measurement noise
@@ -33,9 +35,7 @@ NOISE_CAP = 0.10  # the most the loop's latency is raised for its measurement no
 
 def reference_latency_ms(teacher: nn.Module, input_shape: Sequence[int], batch_size: int) -> float:
     """The teacher's median onnxruntime latency (ms) at ``batch_size``."""
-    from kdcli.export.latency_model import measure_models
-
-    return float(measure_models({"teacher": teacher}, input_shape, batch_size,
+    return float(latency_model.measure_models({"teacher": teacher}, input_shape, batch_size,
                                 time_budget_s=TIME_BUDGET_S)["teacher"]["median_ms"])
 
 
@@ -46,13 +46,12 @@ def student_latency_ms(student: nn.Module, teacher: nn.Module, target: Target, i
     spread (half the interquartile range of the timed runs; of both models for a ratio), at most
     ``NOISE_CAP``. The loop stops once the target holds by more than the noise, so that the
     export report's own measurement, which judges the run, finds it held too."""
-    from kdcli.export.latency_model import measure_models
-
     bs = target.batch_size
     if target.speedup is None:
-        s = measure_models({"student": student}, input_shape, bs, time_budget_s=TIME_BUDGET_S)["student"]
+        s = latency_model.measure_models({"student": student}, input_shape, bs, time_budget_s=TIME_BUDGET_S)["student"]
         return float(s["median_ms"]) * (1 + min(_rel_spread(s), NOISE_CAP))
-    lat = measure_models({"teacher": teacher, "student": student}, input_shape, bs, time_budget_s=TIME_BUDGET_S)
+    lat = latency_model.measure_models({"teacher": teacher, "student": student}, input_shape, bs,
+                                       time_budget_s=TIME_BUDGET_S)
     t, s = lat["teacher"], lat["student"]
     rel = math.hypot(_rel_spread(t), _rel_spread(s))
     return float(target.teacher_latency_ms * s["median_ms"] / t["median_ms"]) * (1 + min(rel, NOISE_CAP))
@@ -101,8 +100,6 @@ class SpeedStep:
         """(τ, plan) for this step: the plan whose predicted latency lands just under the aim,
         then, with a MACs target too, blocks taken away until the MACs aim holds; a retry after
         an undone attempt (``failed_macs``) aims higher until its plan cuts less."""
-        from kdcli.export.latency_model import LatencyModel, LatencyTable, plan_for_latency
-
         current = student_latency_ms(pruner.model, self.teacher, self.target, self.input_shape)
         aim = self.aim_ms(current)
         if aim >= current:  # the latency target holds: the step serves the MACs (or parameters) target

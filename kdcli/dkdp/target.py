@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from kdcli.config.recipe import TargetSpec
+from kdcli.reports.compress import measured_speedups, primary_latency
 
 # Resource comparisons allow this relative slack: MACs counted after pruning land on the aim up to
 # rounding, and a target of "0.3 of the teacher" must not fail on the 7th digit.
@@ -50,15 +51,10 @@ class Target:
 
     @classmethod
     def of(cls, spec: TargetSpec, teacher_macs: int, teacher_params: int, teacher_accuracy: float, *,
-           export_batch_sizes: Sequence[int] = (1, 64), teacher=None, input_shape: Sequence[int] | None = None,
-           teacher_latency_ms: float | None = None) -> "Target":
-        """The target of ``spec``; with a speed-up target and ``teacher`` (and its ``input_shape``),
-        the teacher's reference latency is measured here unless ``teacher_latency_ms`` is given."""
+           export_batch_sizes: Sequence[int] = (1, 64), teacher_latency_ms: float | None = None) -> "Target":
+        """The target of ``spec``; ``teacher_latency_ms``: the teacher's reference latency at the
+        target's batch size (:func:`kdcli.dkdp.speed.reference_latency_ms`), for a speed-up target."""
         bs = spec.resolved_batch_size(export_batch_sizes)
-        if spec.speedup is not None and teacher_latency_ms is None and teacher is not None:
-            from kdcli.dkdp.speed import reference_latency_ms  # onnxruntime loads only for speed targets
-
-            teacher_latency_ms = reference_latency_ms(teacher, input_shape, bs)
         return cls(absolute(spec.macs, teacher_macs), absolute(spec.params, teacher_params), spec.latency_ms,
                    spec.max_accuracy_drop, teacher_macs, teacher_params, teacher_accuracy, spec.speedup, bs,
                    teacher_latency_ms, spec.allow_slower)
@@ -128,8 +124,6 @@ class Target:
         """The student's latency in the target's terms from the export report (the judge of a
         latency target): with a speed-up target ``teacher_latency_ms / measured speed-up`` at
         ``batch_size``, else the student's median there; None when it was not measured."""
-        from kdcli.reports.compress import measured_speedups, primary_latency
-
         if self.speedup is not None and self.teacher_latency_ms:
             sp = measured_speedups(export).get(self.batch_size)
             return None if sp is None or sp[0] <= 0 else self.teacher_latency_ms / sp[0]
@@ -171,16 +165,15 @@ class Target:
 
 # A student counts as slower than its teacher at a batch size when its measured speed-up is below
 # 1 by more than NOISE_K spreads: the spread of a speed-up T/S is (T/S)·√((s_T/T)² + (s_S/S)²),
-# s the half interquartile range of each model's timed runs, as the latency gates compute it
-# (kdcli.reports.gates); without recorded quartiles, below 1 at all.
+# s the half interquartile range of each model's timed runs (both models' noise: more cautious
+# than the baseline gates of kdcli.reports.gates, which count the student's alone, because a run
+# fails on this without the user asking); without recorded quartiles, below 1 at all.
 NOISE_K = 2.0
 
 
 def slower_than_teacher(export: dict | None) -> list[tuple[int, float, float | None]]:
     """``[(batch size, speed-up, spread)]`` where the export report measured the student slower
     than the teacher beyond the noise (see ``NOISE_K``), on the primary provider."""
-    from kdcli.reports.compress import measured_speedups
-
     out = []
     for bs, (sp, spread) in measured_speedups(export).items():
         if sp < 1.0 and (spread is None or not math.isfinite(spread) or 1.0 - sp > NOISE_K * spread):

@@ -45,6 +45,8 @@ import torch
 from torch import nn
 
 from kdcli.export.latency import default_threads, make_session, measure_latency
+from kdcli.files import atomic_write_json
+from kdcli.models.utils import is_main_process
 
 LUT_FILE = "latency_lut.json"
 LUT_VERSION = 1
@@ -260,9 +262,6 @@ class LatencyTable:
 
     def save(self) -> None:
         """Write the table (all runtimes' tables in the file are kept) atomically; rank 0 only."""
-        from kdcli.files import atomic_write_json
-        from kdcli.models.utils import is_main_process
-
         if self.path is None or not self._unsaved or not is_main_process():
             self._unsaved = 0
             return

@@ -59,7 +59,8 @@ def primary_latency(export: dict | None) -> dict:
 def measured_speedups(export: dict | None) -> dict[int, tuple[float, float | None]]:
     """``{bs: (teacher / student median latency, its spread)}`` on the primary provider; the
     spread ``(T/S)·√((s_T/T)² + (s_S/S)²)`` with s half the interquartile range of a model's timed
-    runs (as :mod:`kdcli.reports.gates` computes it), None without recorded quartiles."""
+    runs (both models' noise, for the slower-than-teacher check of :mod:`kdcli.dkdp.target`), None
+    without recorded quartiles."""
     tab = primary_latency(export)
     out = {}
     for bs, s in sorted((tab.get("student") or {}).items(), key=lambda kv: int(kv[0])):

@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel
+from rich.table import Table
+from rich.text import Text
 
 from kdcli.errors import InputError
 from kdcli.reports.format import DASH, count, mb, ratio
-from kdcli.reports.gates import NOISE_K, half_iqr
+from kdcli.reports.gates import NOISE_K, half_iqr, speedup_spread
+from kdcli.reports.models import load_any
 
 Value = Union[float, int, str, bool, None]
 Better = Optional[Literal["higher", "lower"]]
@@ -152,10 +155,10 @@ def _export_rows(a, b, prefix: str = "") -> list[DiffRow]:
             for role in ("student", "teacher"):
                 sa, sb = ta.get(role, {}).get(str(bs)), tb.get(role, {}).get(str(bs))
                 add(section, f"{role} @{bs}", sa and sa.median_ms, sb and sb.median_ms, "ms", "lower",
-                    _spread(sa), _spread(sb))
+                    half_iqr(sa), half_iqr(sb))
             add(section, f"speed-up @{bs}", a.latency.speedup.get(prov, {}).get(str(bs)),
                 b.latency.speedup.get(prov, {}).get(str(bs)), "x", "higher",
-                _speedup_spread(ta, bs), _speedup_spread(tb, bs))
+                speedup_spread(ta, bs), speedup_spread(tb, bs))
     add("gates", "failed", len(a.gates.failures), len(b.gates.failures), "", "lower")
     if a.gates.expressions != b.gates.expressions:
         add("gates", "expressions", "; ".join(a.gates.expressions) or DASH, "; ".join(b.gates.expressions) or DASH)
@@ -167,19 +170,6 @@ def _export_rows(a, b, prefix: str = "") -> list[DiffRow]:
 
 def _text(v) -> Optional[str]:
     return None if v is None else str(v)
-
-
-_spread = half_iqr
-
-
-def _speedup_spread(table, bs: int) -> Optional[float]:
-    """The spread of teacher / student at ``bs``: the student's relative spread, as the gates
-    count it (:mod:`kdcli.reports.gates`); None without quartiles."""
-    t, s = table.get("teacher", {}).get(str(bs)), table.get("student", {}).get(str(bs))
-    ss = _spread(s)
-    if t is None or ss is None or t.median_ms <= 0 or s.median_ms <= 0:
-        return None
-    return (t.median_ms / s.median_ms) * ss / s.median_ms
 
 
 def _compress_rows(a, b) -> list[DiffRow]:
@@ -248,8 +238,6 @@ def diff_reports(a: BaseModel, b: BaseModel, a_name: str = "A", b_name: str = "B
 def diff_files(a: str | Path, b: str | Path) -> ReportDiff:
     """Read, validate and compare two report files (any one kind); InputError (one line naming
     the file) for a missing or invalid one."""
-    from kdcli.reports.models import load_any
-
     return diff_reports(load_any(a), load_any(b), str(a), str(b))
 
 
@@ -329,9 +317,6 @@ def render_markdown(diff: ReportDiff) -> str:
 
 def render_table(diff: ReportDiff):
     """A rich Table for the terminal: worse rows in red, better in green, noise dimmed."""
-    from rich.table import Table
-    from rich.text import Text
-
     worse = len(diff.worse)
     table = Table(title=f"report diff ({diff.kind}): A → B", caption=f"A: {diff.a}\nB: {diff.b}\n"
                   + (f"{worse} worse in B" if worse else "nothing worse in B"))

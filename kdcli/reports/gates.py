@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kdcli.errors import GateError, InputError
-from kdcli.reports.models import ExportReport
+from kdcli.reports.models import ExportReport, load_report
 
 OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
              "==": operator.eq, "!=": operator.ne}
@@ -160,14 +160,22 @@ def _speedup(report: ExportReport, bs: Optional[int], where: str) -> float:
     return _median(report, "teacher", bs, where) / _median(report, "student", bs, where)
 
 
-def _speedup_spread(report: ExportReport, bs: Optional[int], where: str) -> Optional[float]:
-    # the student's relative spread: the teacher, timed alternating with it, shares its load (module docstring)
-    bs = _speedup_bs(report, bs, where)
-    t, s = _median(report, "teacher", bs, where), _median(report, "student", bs, where)
-    ss = _half_iqr(report, "student", bs, where)
-    if ss is None or t <= 0 or s <= 0:
+def speedup_spread(table, bs: int) -> Optional[float]:
+    """The spread of teacher / student at ``bs`` in a latency table (``Latency.table()``): the
+    student's relative spread, as the teacher, timed alternating with it, shares its load (module
+    docstring); None without quartiles."""
+    t, s = table.get("teacher", {}).get(str(bs)), table.get("student", {}).get(str(bs))
+    ss = half_iqr(s)
+    if t is None or ss is None or t.median_ms <= 0 or s.median_ms <= 0:
         return None
-    return (t / s) * (ss / s)
+    return (t.median_ms / s.median_ms) * ss / s.median_ms
+
+
+def _speedup_spread(report: ExportReport, bs: Optional[int], where: str) -> Optional[float]:
+    bs = _speedup_bs(report, bs, where)
+    for model in ("teacher", "student"):
+        _median(report, model, bs, where)  # measured at bs, or an InputError naming the gate
+    return speedup_spread(report.latency.table(), bs)
 
 
 def _latency_ms(report: ExportReport, bs: Optional[int], where: str) -> float:
@@ -433,8 +441,6 @@ def enforce_gates(report: ExportReport, exprs, baseline: ExportReport | None = N
 def load_baseline(path: str | Path) -> ExportReport:
     """The baseline export report at ``path`` (``--baseline``); InputError in one line naming the
     flag and the file when it is missing or not a kdcli export report."""
-    from kdcli.reports.models import load_report
-
     try:
         return load_report(path)
     except InputError as exc:
