@@ -20,6 +20,11 @@ when ``load_average_1min`` exceeds the core count. Prints
 one JSON object to stdout, nothing else. Default run: well under a minute on 2 CPU cores.
 
     python benchmarks/distill_overhead.py [--samples 384] [--batch-size 64] [--rounds 4] [--threads 1] [--cifar]
+    python benchmarks/distill_overhead.py --device cuda --amp --cifar --samples 10000 --batch-size 256
+
+``--amp`` (CUDA): the baseline is the plain PyTorch AMP loop (autocast bf16, else fp16 with a
+GradScaler) and kdcli runs with its defaults (``amp: auto``, ``channels_last: auto``); the floor
+of issue #15 is ``ratio`` >= 0.8 there.
 
 One intra-op thread by default: with two OpenMP threads on an oversubscribed 2-core machine,
 steps ran 10-50x slower at random, which no number of rounds averages out.
@@ -72,8 +77,12 @@ def models(device):
     return teacher.to(device).eval(), student.to(device)
 
 
+AMP = {"on": False}  # --amp: both loops in mixed precision (kdcli: amp auto, channels_last auto)
+
+
 def cfg(epochs: int) -> TrainSpec:
-    return TrainSpec(epochs=epochs, lr=LR, schedule="constant", grad_clip=None, amp="off", nesterov=False)
+    return TrainSpec(epochs=epochs, lr=LR, schedule="constant", grad_clip=None, nesterov=False,
+                     amp="auto" if AMP["on"] else "off", channels_last="auto" if AMP["on"] else "off")
 
 
 def sync(device) -> None:
@@ -96,22 +105,32 @@ class EpochClock:
 
 
 def run_baseline(data, bs, device) -> tuple[float, float]:
-    """(wall, CPU) seconds of one epoch of the hand-written loop."""
+    """(wall, CPU) seconds of one epoch of the hand-written loop (with ``--amp``: the plain PyTorch
+    AMP recipe, autocast in bf16 where supported, else fp16 with a GradScaler)."""
     teacher, student = models(device)
     opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    amp = AMP["on"] and device.type == "cuda"
+    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
     student.train()
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     for x, y, _ in loader(data, bs, device):
-        with torch.no_grad():
-            t_logits = teacher(x)
-        s_logits = student(x)
-        kd = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1), reduction="batchmean",
-                      log_target=True) * T * T
-        loss = W_KD * kd + W_CE * F.cross_entropy(s_logits, y)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            with torch.no_grad():
+                t_logits = teacher(x)
+            s_logits = student(x)
+            kd = F.kl_div(F.log_softmax(s_logits.float() / T, 1), F.log_softmax(t_logits.float() / T, 1),
+                          reduction="batchmean", log_target=True) * T * T
+            loss = W_KD * kd + W_CE * F.cross_entropy(s_logits.float(), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
     sync(device)
     return time.perf_counter() - t0, time.process_time() - c0
 
@@ -155,7 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (0: torch's default); 1 keeps timings stable on a shared CPU")
     ap.add_argument("--cifar", action="store_true", help="CIFAR-10 images from ../shared/data instead of random")
+    ap.add_argument("--amp", action="store_true",
+                    help="mixed precision in both loops (CUDA): the plain PyTorch AMP loop against kdcli's defaults")
     args = ap.parse_args(argv)
+    AMP["on"] = args.amp
     device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -177,6 +199,7 @@ def main(argv=None) -> int:
     cpu = {k: steps / best(v)[1] for k, v in times.items()}
     out = {
         "benchmark": "distill_overhead", "device": str(device), "threads": torch.get_num_threads(),
+        "amp": args.amp,
         "data": "cifar10" if args.cifar and CIFAR.exists() else "random (3, 32, 32)",
         "teacher": "cnn3 64/128/256", "student": "cnn3 16/32/64", "losses": "kd(T=4) 0.9 + ce 0.1",
         "samples": args.samples, "batch_size": args.batch_size, "steps_per_epoch": steps, "rounds": args.rounds,

@@ -68,7 +68,7 @@ def _command(fn: Callable) -> Callable:
         except KdcliError as exc:
             if debug:
                 raise
-            typer.echo(f"error: {exc}", err=True)
+            _error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
             # The file-system errors a path the user gave can cause: named, exit 2. (Ours are
@@ -76,7 +76,7 @@ def _command(fn: Callable) -> Callable:
             if debug:
                 raise
             where = exc.filename or "a path given"
-            typer.echo(f"error: {where}: {exc.strerror or type(exc).__name__}", err=True)
+            _error(f"{where}: {exc.strerror or type(exc).__name__}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             hint = getattr(wrapper, "_resume_hint", None)
@@ -85,18 +85,42 @@ def _command(fn: Callable) -> Callable:
         except Exception as exc:  # an unexpected failure: one line, the traceback behind --debug
             if debug:
                 raise
-            typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
-                       err=True)
+            _error(f"unexpected {type(exc).__name__}: {exc} (run again with --debug for the traceback)")
             raise typer.Exit(EXIT_UNEXPECTED) from None
 
     return wrapper
 
 
+def _error(message: str) -> None:
+    """The one error line on stderr; under torchrun it names the rank, and goes to torchrun's
+    error file too, so that torchrun's summary shows it as the root cause."""
+    if _LAUNCHED:
+        from kdcli import distributed
+
+        distributed.record_error(message)
+        message = f"rank {distributed.rank()}: {message}"
+    typer.echo(f"error: {message}", err=True)
+
+
 def _reporter():
-    """Progress on stderr, with or without ``--json`` (whose result alone goes to stdout)."""
+    """Progress on stderr, with or without ``--json`` (whose result alone goes to stdout); under
+    torchrun from rank 0 only."""
     from kdcli.console import Reporter
 
-    return Reporter(quiet=False)
+    return Reporter(quiet=_LAUNCHED and _rank() != 0)
+
+
+def _rank() -> int:
+    from kdcli import distributed
+
+    return distributed.rank()
+
+
+def _one_process(command: str) -> None:
+    """``kdcli export`` and the report commands measure or read in one process: refused under torchrun."""
+    if _LAUNCHED:
+        raise InputError(f"kdcli {command} runs in one process: run it without torchrun "
+                         "(torchrun serves compress, train and analyze)")
 
 
 def _emit_json(obj: Any) -> None:
@@ -291,6 +315,7 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
 
     With GITHUB_STEP_SUMMARY set (GitHub Actions), the Markdown report and the gate verdicts are
     appended to that file."""
+    _one_process("export")
     from kdcli.inputs import load_model_input, split_ints
     import time
 
@@ -474,9 +499,31 @@ def report_diff(a: Path = typer.Argument(..., metavar="A", help="The earlier rep
         Console(highlight=False).print(shown)
 
 
+_LAUNCHED = False  # started by torchrun as one of several processes (kdcli.distributed)
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="kdcli")
+    """Console-script entry point. Under torchrun (``torchrun --nproc-per-node N -m kdcli ...``)
+    the process joins the process group first; see :mod:`kdcli.distributed`."""
+    global _LAUNCHED
+    import os
+
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from kdcli import distributed
+
+        _LAUNCHED = distributed.setup()
+    try:
+        app(prog_name="kdcli")
+    except SystemExit as exc:
+        if _LAUNCHED and exc.code in (0, None):  # done: wait for the others before leaving the group
+            distributed.barrier()
+        raise
+    finally:
+        if _LAUNCHED:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ from kdcli.models import absolute_spec
 from kdcli.models.file import (MAX_INPUT_DIMS, MAX_INPUT_ELEMENTS, check_model_fits, is_model_file, load_model_any,
                                recipe_models)
 from kdcli.reports.base import error_line
+from kdcli import distributed
 from kdcli.train.loop import resolve_device
 
 __all__ = ["analysis_data", "data_flags", "device_of", "load_model_input", "split_ints"]
@@ -35,7 +36,7 @@ def device_of(name: Optional[str], recipe=None, threads: Optional[int] = None):
         check_device_string(name)
     except ValueError as exc:
         raise InputError(f"--device: {exc}") from None
-    return resolve_device(name)
+    return distributed.device_for(resolve_device(name))  # under torchrun: this rank's GPU
 
 
 def split_ints(text: str, what: str) -> list[int]:

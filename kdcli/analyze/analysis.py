@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdcli import distributed
 from kdcli.analyze.sensitivity import (activation_statistics, consumer_statistics, granularity_map, group_layers,
                                        pca_redundancy, pruning_sensitivity, suggest_ratios)
 from kdcli.config.importance import CRITERIA, NEEDS_DATA
@@ -341,6 +342,6 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
         "pruning_sensitivity": scan, "suggested_ratios": suggested, "clusters": class_clusters,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
-    if out_dir is not None:
-        write_outputs(result, Path(out_dir), gmap)
+    if out_dir is not None:  # under torchrun rank 0 writes
+        distributed.on_main(write_outputs, result, Path(out_dir), gmap)
     return result

@@ -25,3 +25,6 @@ class TrainSpec(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(5.0, gt=0, le=1e6)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    # auto: channels-last memory on CUDA for a network with 2-D convolutions (tensor cores read
+    # NHWC); on the CPU the default layout. on: wherever there are convolutions. off: never.
+    channels_last: Literal["auto", "on", "off"] = "auto"

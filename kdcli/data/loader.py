@@ -24,12 +24,13 @@ import torch
 
 from kdcli.config.data import (HELD_OUT_FRACTION, STREAMING_KINDS, AugmentSpec, DataSpec, NormalizeStats, OtherData,
                                SplitFraction)
+from kdcli import distributed
 from kdcli.data.adapt import adapt_inputs
 from kdcli.data.sources import read_source
 from kdcli.data.stream import (NORM_SAMPLES, RAM_SHARE, StreamData, StreamLoader, available_memory, batch_count,
                                choose_loading, epoch_order, human_bytes, open_stream, resolve_workers)
 from kdcli.data.tensors import TensorData
-from kdcli.errors import DataError
+from kdcli.errors import DataError, InputError
 
 # ----------------------------------------------------------------------------- tensors in memory
 
@@ -216,12 +217,19 @@ class DataBundle:
         """A :class:`BatchLoader` (a split in memory) or a :class:`StreamLoader` (a streamed split:
         the same batches, prepared by ``self.workers`` processes) over ``split``; ``batch_size``
         defaults to the recipe's ``batch_size`` (train=True) or ``eval_batch_size``.
-        ``rank``/``world_size`` default to the process group's when torch.distributed is
-        initialised (under ``torchrun``), so each rank trains on its own shard of the same seeded
-        permutation."""
+        ``rank``/``world_size`` default to the process group's under ``torchrun``, so each rank
+        trains on its own shard of the same seeded permutation; the batch size is then the global
+        one, each of the N ranks taking batch_size / N (a multiple of N is required), so that the
+        recipe's learning rate means the same at any N."""
+        bs = batch_size or (self.batch_size if train else self.eval_batch_size)
         if rank is None or world_size is None:
             rank, world_size = _rank_and_world()
-        bs = batch_size or (self.batch_size if train else self.eval_batch_size)
+            if world_size > 1:  # under torchrun the batch size is the global one: each rank takes its share
+                if bs % world_size:
+                    what = "data.batch_size" if train else "data.eval_batch_size"
+                    raise InputError(f"{what}: {bs} is the global batch, split over the {world_size} processes; "
+                                     f"give a multiple of {world_size}")
+                bs //= world_size
         data = self.split(split)
         kind = StreamLoader if data.streamed else BatchLoader
         extra = {"workers": self.workers} if data.streamed else {}
@@ -271,9 +279,8 @@ class DataBundle:
 
 
 def _rank_and_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+    if distributed.active():
+        return distributed.rank(), distributed.world_size()
     return 0, 1
 
 

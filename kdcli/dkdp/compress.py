@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdcli import distributed
 from kdcli.config.importance import NEEDS_DATA
 from kdcli.config.losses import CE, KD
 from kdcli.config.recipe import Recipe
@@ -89,7 +90,7 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
     ``tracker`` (:func:`kdcli.tracking.open_tracker`, ``--log``) is started before any training and
     closed at the end, whatever the outcome; it gets every epoch through the reporter, every step
     record and the result. Only rank 0 tracks, as only rank 0 writes."""
-    lock = RunLock.acquire(run_dir)
+    lock = RunLock.acquire(run_dir) if is_main_process() else None  # under torchrun rank 0 holds it
     reporter = reporter or Reporter(quiet=True)
     tracker = tracker if is_main_process() else None
     status = "FAILED"
@@ -112,7 +113,8 @@ def compress(recipe: Recipe, run_dir: Path, *, device: torch.device, reporter: R
     finally:
         if tracker is not None:
             tracker.close(status)
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 @dataclass
@@ -191,6 +193,7 @@ class Context:
         info.metadata = {**data_metadata(self.data), "recipe_sha256": self.recipe.sha256, "metrics": metrics,
                          "role": role}
         save_model(self.rd.path / name, model, info)
+        distributed.barrier()  # written by rank 0: every rank may read it from here on
 
     def latency_ms(self, student: nn.Module) -> float | None:
         """The student's onnxruntime latency (ms at ``target.batch_size``, in the target's terms:
@@ -301,6 +304,7 @@ class Loop:
                            self.min_ratio()) if ctx.target.asks_speed else None)
         a.tau, a.history = _prune_step(ctx.recipe, self.student, ctx.example, ctx.data, ctx.device, a.aim, a.k,
                                        ctx.reporter, None if last else state.failed_macs, speed=speed)
+        distributed.check_same(a.history, f"the pruning plan of step {a.k}")
         a.new_macs, a.new_params = count_macs_params(self.student, ctx.example)
         t_macs = ctx.target.teacher_macs
         ctx.reporter.info(f"step {a.k}: τ={a.tau if a.tau is None else round(a.tau, 4)}  MACs {macs:,} → "
@@ -431,7 +435,7 @@ class Loop:
                                 data={"splits": ctx.data.splits, "normalization": ctx.data.normalization(),
                                       "warnings": ctx.warnings})
         if do_export:
-            result.export, gate_failures = _export(ctx, student, sinfo)
+            result.export, gate_failures = distributed.on_main(_export, ctx, student, sinfo)  # rank 0 exports
             if t.asks_speed:  # the export report's measurement judges a latency or speed-up target
                 failures = t.failures(s_macs, s_params, t.export_latency_ms(result.export), s_val)
                 result.target_met = not failures
@@ -618,7 +622,9 @@ def _sensitivity_plan(pruner: StructuredPruner, scores: dict, student: nn.Module
             for x, ref in zip(inputs, reference):
                 out = torch.log_softmax(first_tensor(student(x)).float(), dim=1)
                 total += float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="sum"))
-        return -total / max(sum(len(x) for x in inputs), 1)
+        # under torchrun each rank holds its share of the score batches: the damage is summed over all
+        total, n = distributed.sum_over_ranks(torch.tensor([total, float(sum(len(x) for x in inputs))])).tolist()
+        return -total / max(n, 1)
 
     groups = [g for g in pruner.groups if g in scores]
     curves = pruning_sensitivity(pruner, groups, scores, ratios, evaluate_fn=negative_damage,

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdcli import distributed
 from kdcli.config.recipe import Recipe, load_recipe, parse_recipe
 from kdcli.errors import InputError
 from kdcli.files import atomic_write_json, atomic_write_text
@@ -105,7 +106,11 @@ def start_run(recipe_path: Path | None, *, out_dir: Path | None = None, override
     unless ``overwrite``; then that run's state, steps and student are removed (a ``teacher.kdc``
     stays: it is reused only if it was trained from the same seed, data and teacher spec). A
     directory whose run never finished a step (it failed on its data or model, say) is simply
-    started again. A directory locked by a live run is refused, ``overwrite`` or not."""
+    started again. A directory locked by a live run is refused, ``overwrite`` or not. Under
+    torchrun rank 0 does this (and holds the lock) and every rank gets its result or its error."""
+    if distributed.active():
+        return distributed.on_main(start_run, recipe_path, out_dir=out_dir, overrides=overrides,
+                                   recipe_text=recipe_text, overwrite=overwrite)
     if recipe_text is None:
         recipe = load_recipe(recipe_path, overrides)
         recipe_text = Path(recipe_path).read_text()
@@ -185,12 +190,18 @@ def resume_run(run_dir: Path, *, force: bool = False, flag: str = "--resume") ->
     """The recipe of the run in ``run_dir``, to continue it (:func:`resume_recipe`), with the run's
     lock taken first so that a run live there is refused before its recipe is read; the lock stays
     held for the run (``compress`` takes it again, as this process's). ``flag`` names the option
-    in messages (``--resume``, or the API's ``resume``)."""
+    in messages (``--resume``, or the API's ``resume``). Under torchrun rank 0 takes the lock and
+    reads the recipe, and every rank gets it (a run written by any number of processes resumes
+    with any number: nothing in the run directory depends on it)."""
+    if distributed.active():
+        return distributed.on_main(resume_run, run_dir, force=force, flag=flag)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"{flag} {run_dir}: no such run directory")
     lock = RunLock.acquire(run_dir)
     try:
+        for tmp in run_dir.rglob(".*.tmp"):  # a write the killed run never finished (atomic_write's temporaries)
+            tmp.unlink(missing_ok=True)
         return resume_recipe(run_dir, force=force)
     except BaseException:
         lock.release()

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdcli import distributed
 from kdcli.export.latency import default_threads, make_session, measure_latency
 from kdcli.files import atomic_write_json
 from kdcli.models.utils import is_main_process
@@ -247,7 +248,10 @@ class LatencyTable:
         return len(self.entries)
 
     def ms(self, sig: LayerSig) -> float:
-        """The latency of ``sig``: from the table, else timed now (and added)."""
+        """The latency of ``sig``: from the table, else timed now (and added). Under torchrun
+        rank 0's table answers every rank (a timing is the clock's, not the data's)."""
+        if distributed.active():
+            return distributed.on_main(self.ms, sig)
         k = sig.key()
         v = self.entries.get(k)
         if v is None:
@@ -522,7 +526,11 @@ def measure_models(models: dict[str, nn.Module], input_shape: Sequence[int], bat
                    threads: int | None = None, time_budget_s: float = 1.0) -> dict[str, dict]:
     """onnxruntime latency statistics (:func:`kdcli.export.latency.measure_latency`) of each model at
     ``batch_size``, alternating; a set of structures already measured in this process at these
-    settings is not measured again (latency depends on the structure, not on the weights)."""
+    settings is not measured again (latency depends on the structure, not on the weights). Under
+    torchrun rank 0 measures and every rank gets its figures."""
+    if distributed.active():
+        return distributed.on_main(measure_models, models, input_shape, batch_size, threads=threads,
+                                   time_budget_s=time_budget_s)
     threads = int(threads or default_threads())
     key = (tuple(structure_key(m) for m in models.values()), tuple(input_shape), int(batch_size), threads,
            float(time_budget_s))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from kdcli import distributed
 from kdcli.config.importance import NAMES
 from kdcli.models.utils import first_tensor, grads_enabled
 
@@ -81,16 +82,13 @@ def _torch_pruning(imp, groups: Mapping[str, object]) -> dict:
 
 
 def mean_over_ranks(raw: dict, device: torch.device) -> dict:
-    """Under torch.distributed, average data-driven scores over ranks: each rank scores its own
-    batches, and every rank must prune the same channels."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Under torchrun, average data-driven scores over ranks: each rank scores its own batches,
+    and every rank must prune the same channels (the sum comes back identical on every rank)."""
+    if not distributed.active():
         return raw
     names = list(raw)
     flat = torch.cat([raw[n].detach().float().reshape(-1) for n in names]).to(device)
-    dist.all_reduce(flat)
-    flat = (flat / dist.get_world_size()).cpu()
+    flat = (distributed.sum_over_ranks(flat) / distributed.world_size()).float().cpu()
     out, start = {}, 0
     for n in names:
         out[n] = flat[start:start + raw[n].numel()]
