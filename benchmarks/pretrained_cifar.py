@@ -258,7 +258,8 @@ def kdcli_side(model: str, target: float, seed: int, cfg: dict) -> dict:
         tmp = Path(tmp)
         (tmp / "recipe.yaml").write_text(recipe_text(model, target, seed, cfg))
         t0 = time.perf_counter()
-        recipe, run_dir = start_run(tmp / "recipe.yaml", out_dir=tmp / "run", overrides=cfg["set"])
+        recipe, run_dir = start_run(tmp / "recipe.yaml", out_dir=tmp / "run",
+                                    overrides=cfg["set"] + cfg.get("kdcli_set", []))
         res = compress(recipe, run_dir, device=device, reporter=Tagged(tag).reporter)
         seconds = time.perf_counter() - t0
         student, _ = load_model_any(run_dir / "student.kdc", spec_name=None, spec_args=None,
@@ -624,6 +625,9 @@ def main() -> None:
                          "4 at once; the first within 2%% of the target MACs, else the nearest)")
     ap.add_argument("--set", action="append", default=[], help="extra kdcli recipe overrides (KEY=VALUE); "
                                                                "data/distill ones reach the baseline too")
+    ap.add_argument("--kdcli-set", action="append", default=[],
+                    help="overrides of kdcli's recipe alone (KEY=VALUE), e.g. its own distillation losses; "
+                         "the baseline keeps Hinton KD")
     ap.add_argument("--latency-budget", type=float, default=None, help="seconds of timing per latency comparison")
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--fresh", action="store_true", help="forget the cached cells of these settings")
@@ -644,6 +648,8 @@ def main() -> None:
     threads = setup_threads(args.threads)
     settings = {"version": VERSION, "budget": {k: budget[k] for k in PLAN_KEYS}, "importance": args.importance, "allocation": args.allocation,
                 "round_to": args.round_to, "baseline_scope": args.baseline_scope, "device": device, "set": args.set}
+    if args.kdcli_set:  # (absent otherwise, so that earlier caches keep their keys)
+        settings["kdcli_set"] = args.kdcli_set
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache_dir = (args.cache_dir or CACHE_DIR / f"pretrained_cifar-{budget_name}-{key}").resolve()
     if args.fresh and cache_dir.exists():
@@ -653,7 +659,7 @@ def main() -> None:
     cfg = {**settings, "budget": budget, "threads": threads, "cache_dir": str(cache_dir)}
     # the baseline does not depend on kdcli's importance and allocation: its cells are shared by
     # every kdcli setting of the same budget (and reused only for the same epoch count)
-    b_settings = {k: v for k, v in settings.items() if k not in ("importance", "allocation")}
+    b_settings = {k: v for k, v in settings.items() if k not in ("importance", "allocation", "kdcli_set")}
     b_settings["set"] = [o for o in args.set if not o.startswith("prune.")]  # kdcli's own settings
     b_key = hashlib.sha256(json.dumps(b_settings, sort_keys=True).encode()).hexdigest()[:12]
     cells = Cells(cache_dir, shared=Cells(cache_dir.parent / f"pretrained_cifar-{budget_name}-baseline-{b_key}"))
@@ -732,7 +738,8 @@ def main() -> None:
                    **({"timings": budget["timings"]} if "timings" in budget else {})},
         "settings": {"models": models, "targets": targets, "seeds": seeds, "device": device,
                      "kdcli": {"importance": args.importance, "allocation": args.allocation, "round_to": args.round_to,
-                               "losses": "kd T=4 w0.9 + ce w0.1", "max_accuracy_drop": 0.015, "set": args.set},
+                               "losses": "kd T=4 w0.9 + ce w0.1", "max_accuracy_drop": 0.015, "set": args.set,
+                               "kdcli_set": args.kdcli_set},
                      "baseline": {"pruner": "tp.pruner.MagnitudePruner, MagnitudeImportance(p=2), all pruning "
                                             "before training (one step(), or iterative_steps 4 at once where one "
                                             "cannot reach the target)",

@@ -183,7 +183,8 @@ def export(student: "PathLike | nn.Module", *, teacher: "PathLike | nn.Module | 
            model_args: dict | None = None, input_shape: Sequence[int] | None = None,
            num_classes: int | None = None, batch_sizes: Sequence[int] | None = None, opset: int | None = None,
            fail_if: Sequence[str] = (), baseline: PathLike | None = None, latency_budget_s: float | None = None,
-           trust: bool = False, verbose: bool = False) -> "ExportReport":
+           threads: int | None = None, quantize: str | None = None, trust: bool = False,
+           verbose: bool = False) -> "ExportReport":
     """Export to ONNX, verify against PyTorch in onnxruntime and time, as ``kdcli export`` does;
     returns :class:`kdcli.reports.models.ExportReport` (what ``report.json`` holds) and writes
     ``student.onnx`` (``teacher.onnx``) and ``report.json/.md/.html`` into ``out``.
@@ -196,7 +197,10 @@ def export(student: "PathLike | nn.Module", *, teacher: "PathLike | nn.Module | 
     ``export`` section. ``fail_if``: gates such as ``"accuracy_drop > 0.5"`` or ``"speedup < 2"``;
     the failed ones are listed in ``report.gates.failures`` (the CLI exits 3 on them).
     ``baseline``: the ``report.json`` of an earlier export, for gates such as
-    ``"accuracy < baseline.accuracy - 0.3"`` (as ``--baseline``).
+    ``"accuracy < baseline.accuracy - 0.3"`` (as ``--baseline``). ``threads``: onnxruntime's (and
+    meanwhile torch's) threads for the measurements (default: the recipe's ``export.threads``, else
+    one per core). ``quantize``: ``"dynamic"`` also writes ``student.int8.onnx`` and reports it as
+    ``student_int8`` (default: the recipe's ``export.quantize``, else ``"none"``).
 
     >>> import tempfile
     >>> import torch
@@ -210,6 +214,10 @@ def export(student: "PathLike | nn.Module", *, teacher: "PathLike | nn.Module | 
     True
     """
 
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads: expected an integer >= 1, got {threads!r}")
+    if quantize not in (None, "none", "dynamic"):
+        raise InputError(f"quantize: expected 'none' or 'dynamic', got {quantize!r}")
     rec = _load_recipe(recipe) if recipe is not None else None
     out = Path(out)
     check_writable_dir(out, "out")
@@ -234,12 +242,17 @@ def export(student: "PathLike | nn.Module", *, teacher: "PathLike | nn.Module | 
     gates = list(fail_if) or (list(exp.fail_if) if exp else [])
     budget = latency_budget_s if latency_budget_s is not None else (exp.latency_budget_s if exp else 2.0)
     parse_gates(gates, base, base_source)  # a gate naming baseline. needs a baseline
+    if threads is None and exp is not None:
+        threads = exp.threads
+    if quantize is None:
+        quantize = exp.quantize if exp else "none"
     return export_report(s_model.cpu().eval(), export_info(s_info, data), out,
                          teacher=None if t_model is None else t_model.cpu().eval(),
                          teacher_info=None if t_info is None else export_info(t_info, data),
                          x_eval=x_eval, y_eval=y_eval, batch_sizes=tuple(bs),
                          opset=opset or (exp.opset if exp else 18), gates=gates, time_budget_s=budget,
-                         reporter=Reporter(quiet=not verbose), baseline=base, baseline_source=base_source)
+                         reporter=Reporter(quiet=not verbose), baseline=base, baseline_source=base_source,
+                         threads=threads, quantize=quantize)
 
 
 # ----------------------------------------------------------------------------- shared with the CLI

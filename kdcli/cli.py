@@ -36,8 +36,9 @@ JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (p
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks of errors.")
 SET = typer.Option(None, "--set", help="Override a recipe value: KEY.PATH=VALUE (YAML), e.g. prune.steps=2. Repeatable.")
 THREADS = typer.Option(None, "--threads", min=1, max=4096,
-                       help="CPU threads for torch (default: torch's, one per core). On a machine shared with "
-                            "other jobs, fewer threads avoid contention.")
+                       help="CPU threads for torch, and in export for onnxruntime's latency measurements too "
+                            "(default: one per core; export: the recipe's export.threads first). On a machine "
+                            "shared with other jobs, fewer threads avoid contention.")
 TRUST = typer.Option(False, "--trust-checkpoint",
                      help="Allow checkpoints holding pickled objects (a whole nn.Module). Loading such a file "
                           "RUNS CODE from it: use only for files from a source you trust.")
@@ -68,7 +69,8 @@ def _command(fn: Callable) -> Callable:
         except KdcliError as exc:
             if debug:
                 raise
-            _error(str(exc))
+            # a quality gate is judged on figures every rank shares: rank 0 says it once
+            _error(str(exc), every_rank=not isinstance(exc, GateError))
             raise typer.Exit(exc.exit_code) from None
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
             # The file-system errors a path the user gave can cause: named, exit 2. (Ours are
@@ -91,13 +93,16 @@ def _command(fn: Callable) -> Callable:
     return wrapper
 
 
-def _error(message: str) -> None:
+def _error(message: str, every_rank: bool = True) -> None:
     """The one error line on stderr; under torchrun it names the rank, and goes to torchrun's
-    error file too, so that torchrun's summary shows it as the root cause."""
+    error file too, so that torchrun's summary shows it as the root cause. ``every_rank`` False:
+    rank 0 alone prints it (an outcome all ranks share)."""
     if _LAUNCHED:
         from kdcli import distributed
 
         distributed.record_error(message)
+        if not every_rank and distributed.rank() != 0:
+            return
         message = f"rank {distributed.rank()}: {message}"
     typer.echo(f"error: {message}", err=True)
 
@@ -124,7 +129,11 @@ def _one_process(command: str) -> None:
 
 
 def _emit_json(obj: Any) -> None:
+    """The ``--json`` result on stdout (under torchrun from rank 0 alone)."""
     from kdcli.files import _json_default
+
+    if _LAUNCHED and _rank() != 0:
+        return
 
     typer.echo(json.dumps(obj, indent=2, default=_json_default))
 
@@ -310,6 +319,8 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
            fail_if: Optional[List[str]] = typer.Option(None, "--fail-if", help="A CI gate, e.g. \"accuracy_drop > 0.5\", \"speedup < 2\" or \"latency_ms@1 > baseline.latency_ms@1 * 1.05\" (with --baseline); exit 3 when true. Repeatable."),
            baseline: Optional[Path] = typer.Option(None, "--baseline", help="The report.json of an earlier export (e.g. the main branch's CI artifact) that gates compare with as baseline.<metric>; latency gates allow for the noise of both runs."),
            junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the gates as JUnit XML to this file (one testcase per gate), whether they pass or fail."),
+           quantize: Optional[str] = typer.Option(None, "--quantize", metavar="none|dynamic", help="dynamic: also write student.int8.onnx (int8 weights, onnxruntime quantize_dynamic), judged against the fp32 student and timed with it (default: the recipe's export.quantize, else none)."),
+           threads: Optional[int] = THREADS,
            input_shape: Optional[str] = INPUT_SHAPE, num_classes: Optional[int] = NUM_CLASSES, trust: bool = TRUST, json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Export to ONNX, verify against PyTorch in onnxruntime, and report latency and accuracy.
 
@@ -328,6 +339,8 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     from kdcli.files import check_writable_dir
     from kdcli.reports.gates import evaluate_gates, load_baseline, parse_gates
 
+    if quantize is not None and quantize not in ("none", "dynamic"):
+        raise InputError(f"--quantize {quantize!r}: expected none or dynamic")
     rec = load_recipe(recipe) if recipe is not None else None
     check_writable_dir(out, "--out")
     if junit is not None:
@@ -339,6 +352,9 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     exp = rec.export if rec is not None else None
     gates = list(fail_if or []) or (list(exp.fail_if) if exp else [])
     parse_gates(gates, base, base_source)  # a gate naming baseline. needs --baseline
+    threads = threads if threads is not None else (exp.threads if exp else None)
+    if threads:
+        torch.set_num_threads(threads)  # loading and evaluation too, as --threads does in the other commands
     rep = _reporter()
     data = None
     if rec is not None:
@@ -364,7 +380,8 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
                            x_eval=x_eval, y_eval=y_eval, batch_sizes=tuple(bs),
                            opset=opset or (exp.opset if exp else 18), gates=gates,
                            time_budget_s=exp.latency_budget_s if exp else 2.0, reporter=rep,
-                           baseline=base, baseline_source=base_source)
+                           baseline=base, baseline_source=base_source, threads=threads,
+                           quantize=quantize or (exp.quantize if exp else "none"))
     seconds = time.perf_counter() - started
     failures = report.gates.failures  # the reports are written either way: show them, then exit 3
     results = evaluate_gates(report, gates, base, base_source)  # each gate's verdict, passed ones too
@@ -374,7 +391,8 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
         from kdcli.reports.export import summary_table
 
         rep.print_renderable(summary_table(report))
-        rep.info(f"written: {out / 'student.onnx'}, {out / 'report.md'}, {out / 'report.html'}")
+        int8 = f", {out / report.student_int8.file}" if report.student_int8 else ""
+        rep.info(f"written: {out / 'student.onnx'}{int8}, {out / 'report.md'}, {out / 'report.html'}")
     for r in results:  # a baseline gate's verdict, passed too: its reasoning (the noise band) belongs in the CI log
         if r.baseline:
             rep.info(r.message)

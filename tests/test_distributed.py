@@ -189,8 +189,9 @@ def files(run: Path) -> set[str]:
 def test_torchrun_two_processes_give_one_run_with_the_accuracy_of_one(tmp_path):
     one = kdcli("compress", "--out", tmp_path / "one", "--no-export", *QUICK)
     assert one.returncode == 0, one.stderr
-    two = torchrun(2, "compress", "--out", tmp_path / "two", *QUICK)
+    two = torchrun(2, "compress", "--out", tmp_path / "two", "--json", *QUICK)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads(two.stdout)["target_met"]  # one JSON result on stdout, from rank 0
     # one progress stream: rank 0 reports, the others are quiet
     assert two.stderr.count("teacher epoch 1/5") == 1 and two.stderr.count("step 1: τ=") == 1
     # one set of files, the same as one process writes (plus the export, rank 0's alone)

@@ -22,8 +22,9 @@ from kdcli.reports.gates import METRICS, check_gates, metric_value
 from kdcli.reports.models import SCHEMA_URI, ExportReport, load_report, parse_report, report_json_schema
 
 SHAPE = (1, 8, 8)
-TOP_LEVEL = ["$schema", "schema", "version", "created", "environment", "student", "teacher", "ratios", "accuracy",
-             "latency", "gates", "notes"]
+TOP_LEVEL = ["$schema", "schema", "version", "created", "environment", "student", "teacher", "student_int8", "ratios",
+             "accuracy", "latency", "gates", "notes"]
+ADDED = {"$schema", "student_int8"}  # added to version 1 later: optional, reports written before lack them
 
 
 def _mlp(hidden, seed=None):
@@ -87,11 +88,14 @@ def test_export_report_writes_models_and_reports(exported):
 
 def test_report_json_has_schema_uri_and_the_same_fields_as_before(exported):
     out, report, _, raw = exported
-    assert list(raw) == TOP_LEVEL  # $schema first, then the fields report.json always had, in order
+    assert list(raw) == TOP_LEVEL  # $schema first, then the fields report.json always had (and student_int8), in order
+    assert raw["student_int8"] is None  # written as null without export.quantize
     assert raw["$schema"] == SCHEMA_URI == "urn:kdcli:schema:export-report:1"
     assert raw["schema"] == "kdcli/export-report" and raw["version"] == 1
     assert set(raw["student"]) == {"name", "file", "size_bytes", "exporter", "opset", "external_data",
-                                   "export_notes", "params", "macs", "verification"}
+                                   "export_notes", "params", "macs", "verification", "graph"}
+    assert set(raw["student"]["graph"]) == {"nodes_before", "nodes", "batchnorm_folded", "identity_removed",
+                                            "initializers_removed"}
     assert set(raw["student"]["verification"]) == {"max_abs_diff", "top1_agreement", "top1_ties", "samples",
                                                    "inputs", "atol"}
     assert set(raw["latency"]["onnxruntime"]["CPUExecutionProvider"]["student"]["1"]) == {
@@ -107,7 +111,7 @@ def test_json_schema_comes_from_the_model():
     assert schema["$id"] == SCHEMA_URI and schema["additionalProperties"] is False
     assert list(schema["properties"]) == TOP_LEVEL
     assert schema["properties"]["$schema"]["const"] == SCHEMA_URI
-    assert set(schema["required"]) == set(TOP_LEVEL) - {"$schema"}  # reports written before $schema still read
+    assert set(schema["required"]) == set(TOP_LEVEL) - ADDED  # reports written before $schema still read
     for name, sub in schema["$defs"].items():
         assert sub.get("additionalProperties") is False, name  # no unknown keys anywhere
     # batch-size maps: only "1", "64", ... keys, as the model (pydantic writes patternProperties alone)
@@ -184,14 +188,16 @@ def test_older_and_teacherless_reports_still_read(exported, tmp_path):
     del raw["$schema"]  # written before $schema existed: version 1 all the same
     assert load_report(_write(tmp_path, raw)).schema_uri == SCHEMA_URI
     # the fields version 1 has always allowed to be absent (earlier reports lack teacher_pytorch)
-    for key in ("external_data", "export_notes"):
+    for key in ("external_data", "export_notes", "graph"):
         del raw["student"][key]
+    del raw["student_int8"]
     del raw["student"]["verification"]["top1_ties"], raw["student"]["verification"]["atol"]
     del raw["accuracy"]["teacher_pytorch"], raw["accuracy"]["drop_pt"]
     for stats in raw["latency"]["onnxruntime"]["CPUExecutionProvider"]["student"].values():
         del stats["mean_ms"], stats["min_ms"], stats["p25_ms"], stats["p75_ms"]
     older = parse_report(raw)
     assert older.accuracy.teacher_pytorch is None and older.student.export_notes == []
+    assert older.student.graph is None and older.student_int8 is None
     assert check_gates(older, ["accuracy_drop > 100", "speedup < 0"]) == []
     raw.update(teacher=None, ratios=None, accuracy=None, notes=[])
     assert parse_report(raw).teacher is None

@@ -225,11 +225,18 @@ class TargetSpec(Strict):
 
 
 class ExportSpec(Strict):
+    """``threads``: onnxruntime intra-op threads of every latency measurement (and torch's for the
+    eager reference); null: one per CPU core the process may use. ``quantize: dynamic`` also
+    writes ``student.int8.onnx`` (int8 weights, onnxruntime ``quantize_dynamic``), measured with
+    the others."""
+
     enabled: bool = True
     opset: int = Field(18, ge=18, le=23)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
     fail_if: list[str] = Field(default_factory=list)
     latency_budget_s: float = Field(2.0, gt=0, le=3600)
+    threads: int | None = Field(None, ge=1, le=4096)
+    quantize: Literal["none", "dynamic"] = "none"
 
     @field_validator("batch_sizes")
     @classmethod

@@ -534,7 +534,7 @@ def _export(ctx: Context, student: nn.Module, sinfo: ModelInfo) -> tuple[dict, l
         teacher_info=export_info(ctx.tinfo, data), x_eval=x_eval, y_eval=y_eval,
         batch_sizes=tuple(dict.fromkeys([*recipe.export.batch_sizes]
                                         + ([ctx.target.batch_size] if ctx.target.asks_speed else []))),
-        opset=recipe.export.opset,
+        opset=recipe.export.opset, threads=recipe.export.threads, quantize=recipe.export.quantize,
         gates=recipe.export.fail_if, time_budget_s=recipe.export.latency_budget_s, reporter=ctx.reporter)
     # the export report is written either way; its failed gates join the verdict
     return report.to_json(), list(report.gates.failures)

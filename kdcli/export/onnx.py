@@ -31,6 +31,7 @@ from kdcli.console import Reporter
 from kdcli.errors import ExportError, InputError
 from kdcli.export.latency import (available_providers, default_threads, make_session, measure_latency,
                                   measure_torch_latency)
+from kdcli.export.graph import simplify
 from kdcli.files import atomic_write_bytes
 from kdcli.prune.pruner import count_macs_params
 from kdcli.reports.export import write_reports
@@ -90,6 +91,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != opset:
         notes.append(f"requested opset {opset}, the exporter wrote opset {got}")
+    proto, graph = _simplify(proto, large)
+    notes += graph.pop("notes", [])
     meta = {"input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "input_shape": list(example.shape[1:]),
             **(metadata or {})}
     del proto.metadata_props[:]
@@ -99,7 +102,22 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     if large:
         notes.append(f"model over 2 GB: weights written to {path.name}.data next to {path.name}")
     return {"path": str(path), "exporter": exporter, "opset": got, "size_bytes": onnx_size(path),
-            "external_data": large, "notes": notes}
+            "external_data": large, "graph": graph or None, "notes": notes}
+
+
+def _simplify(proto, large: bool):
+    """:func:`kdcli.export.graph.simplify` on a copy; a failure keeps the exporter's graph, with a
+    note (a model over 2 GB is not copied: it keeps the steps done, each of which leaves a valid
+    graph, and onnx.checker and verify_onnx judge it as any). Returns ``(proto, stats)``, stats
+    holding only ``notes`` on failure."""
+    work = proto
+    if not large:
+        work = onnx.ModelProto()
+        work.CopyFrom(proto)
+    try:
+        return simplify(work)
+    except Exception as exc:  # noqa: BLE001 - the exporter's graph is valid as it is
+        return proto, {"notes": [f"graph simplification skipped: {_first_line(exc)}"]}
 
 
 def _prepare(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
@@ -246,27 +264,36 @@ def torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+def verification_inputs(x: torch.Tensor | None, input_shape, *, max_samples: int = VERIFY_SAMPLES,
+                        seed: int = 0) -> tuple[torch.Tensor, str]:
+    """The inputs a model is verified on: the first ``max_samples`` of ``x`` (``"data"``), or without
+    it ``max_samples``≤64 seeded standard-normal inputs of ``input_shape`` (``"random"``)."""
+    if x is None or len(x) == 0:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(min(max_samples, 64), *input_shape, generator=gen), "random"
+    return x[:max_samples].detach().cpu().float(), "data"
+
+
 def verify_onnx(path: str | Path, model: nn.Module, x: torch.Tensor | None = None, *, atol: float = 1e-4,
-                max_samples: int = VERIFY_SAMPLES, seed: int = 0) -> dict:
+                max_samples: int = VERIFY_SAMPLES, seed: int = 0, threads: int | None = None) -> dict:
     """Compare the ONNX model at ``path`` with ``model`` on ``x`` [N, ...] (its first ``max_samples``).
 
     Without ``x``, uses ``max_samples``≤64 standard-normal inputs of the stored ``input_shape``
     (``inputs: "random"``). Passes when the largest absolute logit difference is ≤ ``atol`` and the
     top-1 class agrees on every sample (a sample whose two leading PyTorch logits are within
     ``2·atol`` is a tie and counted in ``top1_ties`` instead). Raises ExportError otherwise.
+    ``threads``: onnxruntime's intra-op threads (default one per core).
     Returns ``{"max_abs_diff", "top1_agreement", "top1_ties", "samples", "inputs", "atol"}``.
     """
 
-    inputs = "data"
+    shape = None
     if x is None or len(x) == 0:
         shape = onnx_metadata(path).get("input_shape")
         if not shape:
             raise ExportError(f"{path}: no input_shape in metadata_props; pass inputs to verify the model with")
-        gen = torch.Generator().manual_seed(seed)
-        x, inputs = torch.randn(min(max_samples, 64), *shape, generator=gen), "random"
-    x = x[:max_samples].detach().cpu().float()
+    x, inputs = verification_inputs(x, shape, max_samples=max_samples, seed=seed)
     ref = torch_logits(model, x)
-    got = onnx_logits(make_session(path), x)
+    got = onnx_logits(make_session(path, threads=threads), x)
     if ref.shape != got.shape:
         raise ExportError(f"{path}: ONNX output shape {list(got.shape)} != PyTorch {list(ref.shape)}")
     diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
@@ -324,11 +351,16 @@ def _environment() -> dict:
     return env
 
 
+QUANTIZE_METHODS = ("none", "dynamic")
+INT8_ROLE = "student_int8"
+
+
 def export_report(student: nn.Module, info: dict, out_dir: str | Path, *, teacher: nn.Module | None = None,
                   teacher_info: dict | None = None, x_eval: torch.Tensor | None = None,
                   y_eval: torch.Tensor | None = None, batch_sizes=(1, 64), opset: int = 18, gates=(),
                   time_budget_s: float = 2.0, reporter=None, baseline: ExportReport | None = None,
-                  baseline_source: str = "report") -> ExportReport:
+                  baseline_source: str = "report", threads: int | None = None,
+                  quantize: str | None = "none") -> ExportReport:
     """Export ``student`` (and ``teacher``) to ``out_dir``, verify, evaluate, time, write the reports,
     and return the report (:class:`kdcli.reports.models.ExportReport`).
 
@@ -340,17 +372,46 @@ def export_report(student: nn.Module, info: dict, out_dir: str | Path, *, teache
     ``report.gates.failures``, never raised; the caller decides (the CLI exits 3). ``baseline``
     (an earlier run's report, ``baseline_source`` naming its file) is what ``baseline.<metric>``
     in a gate reads; a gate naming it without one is an InputError before any work.
+    ``threads``: onnxruntime intra-op threads of every measurement and torch's threads meanwhile
+    (default: the process's CPU cores for onnxruntime, torch's setting as it is).
+    ``quantize="dynamic"``: also write ``student.int8.onnx`` (int8 weights, :mod:`kdcli.export.quantize`),
+    judged against the fp32 student and timed with it; a failure is a note, not an error.
     """
-    from datetime import datetime, timezone
-
-
     gates = list(gates or [])
     parse_gates(gates, baseline, baseline_source)  # a typo in a gate should fail before minutes of measuring
-    reporter = reporter or Reporter(quiet=True)
-    out_dir = Path(out_dir)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"export.threads: expected an integer >= 1 (or null: one per CPU core), got {threads!r}")
+    quantize = "none" if quantize is None else quantize
+    if quantize not in QUANTIZE_METHODS:
+        raise InputError(f"export.quantize: expected one of {', '.join(QUANTIZE_METHODS)}, got {quantize!r}")
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise InputError(f"export.batch_sizes: expected positive integers, got {batch_sizes}")
+    with _torch_threads(threads):
+        return _export_report(student, info, Path(out_dir), teacher=teacher, teacher_info=teacher_info,
+                              x_eval=x_eval, y_eval=y_eval, batch_sizes=batch_sizes, opset=opset, gates=gates,
+                              time_budget_s=time_budget_s, reporter=reporter or Reporter(quiet=True),
+                              baseline=baseline, baseline_source=baseline_source,
+                              threads=int(threads or default_threads()), quantize=quantize)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch's intra-op threads set to ``threads`` for the duration (unchanged when None)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _export_report(student, info, out_dir: Path, *, teacher, teacher_info, x_eval, y_eval, batch_sizes, opset,
+                   gates, time_budget_s, reporter, baseline, baseline_source, threads: int,
+                   quantize: str) -> ExportReport:
+    from datetime import datetime, timezone
+
     input_shape = tuple(int(d) for d in info["input_shape"])
     have_data = x_eval is not None and len(x_eval) > 0
     example = (x_eval[:2] if have_data else torch.zeros(2, *input_shape)).detach().cpu().float()
@@ -367,45 +428,62 @@ def export_report(student: nn.Module, info: dict, out_dir: str | Path, *, teache
         path = out_dir / f"{role}.onnx"
         res = export_onnx(model, example, path, opset=opset, metadata=_model_metadata(minfo, role))
         notes += [f"{role}: {n}" for n in res["notes"]]
-        ver = verify_onnx(path, model, x_eval if have_data else None)
+        ver = verify_onnx(path, model, x_eval if have_data else None, threads=threads)
         macs, params = count_macs_params(model, example[:1])
         entries[role] = {"name": str(minfo.get("name") or type(model).__name__), "file": path.name,
                          "size_bytes": res["size_bytes"], "exporter": res["exporter"], "opset": int(res["opset"]),
                          "external_data": res["external_data"], "export_notes": res["notes"],
-                         "params": params, "macs": macs, "verification": ver}
+                         "params": params, "macs": macs, "verification": ver, "graph": res["graph"]}
         paths[role] = path
     s, t = entries["student"], entries.get("teacher")
     ratios = None if t is None else {"size": s["size_bytes"] / t["size_bytes"], "macs": s["macs"] / max(t["macs"], 1),
                                      "params": s["params"] / max(t["params"], 1)}
+    int8 = None
+    if quantize == "dynamic":
+        int8 = _quantize_student(paths["student"], info, x_eval if have_data else None, input_shape, threads,
+                                 reporter, notes)
+    int8_path = out_dir / int8["file"] if int8 else None
 
     accuracy = None
     if have_data and y_eval is not None:
 
         reporter.info(f"export: accuracy on {len(x_eval):,} samples")
         y = y_eval.detach().cpu().numpy()
-        acc = {role: float((onnx_logits(make_session(p), x_eval).argmax(1) == y).mean()) for role, p in paths.items()}
+        acc = {role: _onnx_accuracy(p, x_eval, y, threads) for role, p in paths.items()}
         accuracy = {"samples": int(len(y)), "student_onnx": acc["student"], "teacher_onnx": acc.get("teacher"),
                     "student_pytorch": float((torch_logits(student, x_eval).argmax(1) == y).mean()),
                     "teacher_pytorch": None if teacher is None else float((torch_logits(teacher, x_eval).argmax(1) == y).mean()),
                     "drop_pt": None if t is None else 100 * (acc["teacher"] - acc["student"])}
+        if int8:
+            int8["accuracy"] = _onnx_accuracy(int8_path, x_eval, y, threads)
 
     providers = available_providers()
     ort_lat = {}
     for provider in providers:
-        reporter.info(f"export: onnxruntime latency ({provider}) at batch sizes {batch_sizes}")
-        ort_lat[provider] = _str_keys(measure_latency({r: str(p) for r, p in paths.items()}, input_shape, batch_sizes,
-                                                      time_budget_s=time_budget_s, providers=[provider]))
-    reporter.info("export: PyTorch eager latency (reference)")
+        timed = {r: str(p) for r, p in paths.items()}
+        if int8 and provider == PRIMARY_PROVIDER:  # dynamic int8 kernels are CPU ones
+            timed[INT8_ROLE] = str(int8_path)
+        reporter.info(f"export: onnxruntime latency ({provider}, {_n_threads(threads)}) at batch sizes {batch_sizes}")
+        ort_lat[provider] = _str_keys(measure_latency(timed, input_shape, batch_sizes, time_budget_s=time_budget_s,
+                                                      threads=threads, providers=[provider]))
+    reporter.info(f"export: PyTorch eager latency (reference, {_n_threads(torch.get_num_threads())})")
     eager = _str_keys(measure_torch_latency({r: m for r, (m, _) in roles.items()}, input_shape, batch_sizes,
                                             time_budget_s=time_budget_s))
     speedup = {}
     if t is not None:
-        speedup = {prov: {str(b): tab["teacher"][str(b)]["median_ms"] / tab["student"][str(b)]["median_ms"]
-                          for b in batch_sizes} for prov, tab in ort_lat.items()}
+        speedup = _speedups(ort_lat, "teacher", "student", batch_sizes)
+    if int8:
+        int8["speedup"] = _speedups(ort_lat, "teacher", INT8_ROLE, batch_sizes) if t is not None else {}
+        int8["speedup_vs_student"] = _speedups(ort_lat, "student", INT8_ROLE, batch_sizes)
+        slower = {b: v for b, v in int8["speedup_vs_student"].get(PRIMARY_PROVIDER, {}).items() if v < 1}
+        if slower:
+            notes.append(f"{INT8_ROLE}: slower than the fp32 student at batch size {', '.join(slower)} "
+                         f"({', '.join(f'{v:.2f}×' for v in slower.values())}); dynamic int8 pays off for "
+                         "MatMul-heavy models (MLPs, transformers), rarely for convolutions")
     report = ExportReport.model_validate({
         "schema": REPORT_NAME, "version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": _environment(),
-        "student": s, "teacher": t, "ratios": ratios, "accuracy": accuracy,
+        "student": s, "teacher": t, "student_int8": int8, "ratios": ratios, "accuracy": accuracy,
         "latency": {"batch_sizes": batch_sizes, "time_budget_s": float(time_budget_s),
                     # CPU is the deployment target gates compare on, also where CUDA is present
                     "primary_provider": PRIMARY_PROVIDER, "onnxruntime": ort_lat, "pytorch": eager,
@@ -414,6 +492,48 @@ def export_report(student: nn.Module, info: dict, out_dir: str | Path, *, teache
     report.gates.failures = check_gates(report, gates, baseline, baseline_source)
     write_reports(report, out_dir)
     return report
+
+
+def _n_threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
+def _onnx_accuracy(path: Path, x: torch.Tensor, y: np.ndarray, threads: int) -> float:
+    return float((onnx_logits(make_session(path, threads=threads), x).argmax(1) == y).mean())
+
+
+def _speedups(ort_lat: dict, slow: str, fast: str, batch_sizes) -> dict:
+    """provider → batch size → median of ``slow`` / median of ``fast``, where both were timed."""
+    out = {}
+    for prov, tab in ort_lat.items():
+        if slow in tab and fast in tab:
+            out[prov] = {str(b): tab[slow][str(b)]["median_ms"] / tab[fast][str(b)]["median_ms"] for b in batch_sizes}
+    return out
+
+
+def _quantize_student(path: Path, info: dict, x: torch.Tensor | None, input_shape, threads: int, reporter,
+                      notes: list[str]) -> dict | None:
+    """``student.int8.onnx`` next to ``path``, and how it compares with the fp32 student on the
+    verification inputs; None (and a note) when quantisation fails."""
+    from kdcli.export.quantize import quantize_dynamic_int8
+
+    dst = path.with_name(f"{path.stem}.int8.onnx")
+    reporter.info(f"export: dynamic int8 quantisation → {dst}")
+    try:
+        res = quantize_dynamic_int8(path, dst, metadata={"role": INT8_ROLE, "quantization": "dynamic int8 (QInt8)"})
+    except Exception as exc:  # noqa: BLE001 - the fp32 export stands; quantisation is extra
+        why = str(exc) if isinstance(exc, ExportError) else _first_line(exc)
+        notes.append(f"{INT8_ROLE}: dynamic quantisation failed, nothing written: {why}")
+        return None
+    notes += [f"{INT8_ROLE}: {n}" for n in res["notes"]]
+    xv, inputs = verification_inputs(x, input_shape)
+    ref = onnx_logits(make_session(path, threads=threads), xv)
+    got = onnx_logits(make_session(dst, threads=threads), xv)
+    return {"file": dst.name, "method": "dynamic", "size_bytes": res["size_bytes"],
+            "quantized_nodes": res["quantized_nodes"], "preprocessed": res["preprocessed"], "accuracy": None,
+            "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()) if len(ref) else 1.0,
+            "max_abs_diff": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
+            "samples": int(len(xv)), "inputs": inputs, "speedup": {}, "speedup_vs_student": {}}
 
 
 def _str_keys(lat: dict) -> dict:

@@ -14,6 +14,8 @@ from kdcli.reports.charts import html_page, html_table, line_chart
 from kdcli.reports.format import DASH, count, mb, ms, pct, per_second, ratio, sci
 from kdcli.reports.models import ExportReport, LatencyStats
 
+INT8 = "student_int8"  # its name in the latency tables
+
 # ------------------------------------------------------------------------------------- helpers
 
 
@@ -21,41 +23,65 @@ def _stats(table: dict, model: str, bs: int) -> LatencyStats | None:
     return table.get(model, {}).get(str(bs))
 
 
+def _resource_head(report: ExportReport) -> list[str]:
+    return ["", "teacher", "student", *(["student int8"] if report.student_int8 else []), "ratio"]
+
+
 def _resource_rows(report: ExportReport) -> list[list[str]]:
-    """Rows of (metric, teacher, student, student/teacher) shared by all renderings."""
-    s, t, r, acc = report.student, report.teacher, report.ratios, report.accuracy
-    rows = [["parameters", count(t and t.params), count(s.params), ratio(r and r.params)],
-            ["MACs", count(t and t.macs), count(s.macs), ratio(r and r.macs)],
-            ["ONNX size", mb(t and t.size_bytes), mb(s.size_bytes), ratio(r and r.size)]]
+    """Rows of (metric, teacher, student[, student int8], student/teacher) shared by all renderings."""
+    s, t, r, acc, q = report.student, report.teacher, report.ratios, report.accuracy, report.student_int8
+
+    def row(name, teacher, student, int8, rat):
+        return [name, teacher, student, *([int8] if q else []), rat]
+
+    rows = [row("parameters", count(t and t.params), count(s.params), DASH, ratio(r and r.params)),
+            row("MACs", count(t and t.macs), count(s.macs), DASH, ratio(r and r.macs)),
+            row("ONNX size", mb(t and t.size_bytes), mb(s.size_bytes), mb(q and q.size_bytes), ratio(r and r.size))]
     if acc:
         drop = acc.drop_pt
-        rows.append(["accuracy (ONNX)", pct(acc.teacher_onnx), pct(acc.student_onnx),
-                     DASH if drop is None else f"{drop:+.2f} pt drop"])
-        rows.append(["accuracy (PyTorch)", pct(acc.teacher_pytorch), pct(acc.student_pytorch), ""])
+        rows.append(row("accuracy (ONNX)", pct(acc.teacher_onnx), pct(acc.student_onnx), pct(q and q.accuracy),
+                        DASH if drop is None else f"{drop:+.2f} pt drop"))
+        rows.append(row("accuracy (PyTorch)", pct(acc.teacher_pytorch), pct(acc.student_pytorch), DASH, ""))
     return rows
+
+
+def _has_int8(report: ExportReport, provider: str) -> bool:
+    return report.student_int8 is not None and INT8 in report.latency.onnxruntime.get(provider, {})
+
+
+def _int8_speedups(report: ExportReport, provider: str, bs: int) -> str:
+    """"teacher / int8 · fp32 student / int8" speed-ups of the int8 student at ``bs``."""
+    q = report.student_int8
+    vs_t = q.speedup.get(provider, {}).get(str(bs))
+    vs_s = q.speedup_vs_student.get(provider, {}).get(str(bs))
+    return f"{ratio(vs_t)} / {ratio(vs_s)}"
+
+
+def _latency_head(report: ExportReport, provider: str) -> list[str]:
+    q = _has_int8(report, provider)
+    return ["batch", "teacher median ms", "student median ms", *(["int8 median ms"] if q else []),
+            "student p90 / p99 ms", "student samples/s", "speed-up",
+            *(["int8 speed-up (vs teacher / vs student)"] if q else [])]
 
 
 def _latency_rows(report: ExportReport, provider: str) -> list[list[str]]:
     lat = report.latency
     table = lat.onnxruntime.get(provider, {})
+    q = _has_int8(report, provider)
     rows = []
     for bs in lat.batch_sizes:
-        s, t = _stats(table, "student", bs), _stats(table, "teacher", bs)
+        s, t, i8 = _stats(table, "student", bs), _stats(table, "teacher", bs), _stats(table, INT8, bs)
         sp = lat.speedup.get(provider, {}).get(str(bs))
-        rows.append([str(bs), ms(t and t.median_ms), ms(s and s.median_ms),
+        rows.append([str(bs), ms(t and t.median_ms), ms(s and s.median_ms), *([ms(i8 and i8.median_ms)] if q else []),
                      DASH if not s else f"{ms(s.p90_ms)} / {ms(s.p99_ms)}",
-                     per_second(s and s.throughput), ratio(sp)])
+                     per_second(s and s.throughput), ratio(sp), *([_int8_speedups(report, provider, bs)] if q else [])])
     return rows
 
 
-_LAT_HEAD = ["batch", "teacher median ms", "student median ms", "student p90 / p99 ms", "student samples/s", "speed-up"]
-
-
-def _threads(report: ExportReport, provider: str) -> str:
-    for model in report.latency.onnxruntime.get(provider, {}).values():
-        for stats in model.values():
-            return str(stats.threads)
-    return "?"
+def _threads(table: dict) -> str:
+    """"N threads" of a latency table (model → batch size → stats), as measured."""
+    counts = sorted({stats.threads for model in table.values() for stats in model.values()})
+    return f"{'/'.join(str(c) for c in counts) or '?'} thread{'' if counts == [1] else 's'}"
 
 
 def _verification_rows(report: ExportReport, opset_as_text: bool) -> list[list]:
@@ -64,11 +90,30 @@ def _verification_rows(report: ExportReport, opset_as_text: bool) -> list[list]:
         if m:
             v = m.verification
             rows.append([role, m.file, m.exporter, str(m.opset) if opset_as_text else m.opset, sci(v.max_abs_diff),
-                         pct(v.top1_agreement), f"{v.samples} ({v.inputs})"])
+                         pct(v.top1_agreement), f"{v.samples} ({v.inputs})", _graph(m)])
     return rows
 
 
-_VER_HEAD = ["model", "file", "exporter", "opset", "max abs diff", "top-1 agreement", "samples"]
+_VER_HEAD = ["model", "file", "exporter", "opset", "max abs diff", "top-1 agreement", "samples", "graph"]
+
+
+def _graph(m) -> str:
+    g = m.graph
+    if g is None:
+        return DASH
+    done = [f"{n} {what}" for n, what in ((g.batchnorm_folded, "BatchNorm folded"), (g.identity_removed, "Identity removed"))
+            if n]
+    return f"{g.nodes} nodes" + (f" ({', '.join(done)})" if done else "")
+
+
+_INT8_HEAD = ["file", "size", "int8 ops", "accuracy (ONNX)", "top-1 agreement with fp32 student",
+              "max abs diff vs fp32", "samples"]
+
+
+def _int8_rows(report: ExportReport) -> list[list[str]]:
+    q = report.student_int8
+    return [[q.file, mb(q.size_bytes), str(q.quantized_nodes), pct(q.accuracy), pct(q.top1_agreement),
+             sci(q.max_abs_diff), f"{q.samples} ({q.inputs})"]]
 
 
 def _environment(report: ExportReport) -> str:
@@ -85,19 +130,21 @@ def render_markdown(report: ExportReport) -> str:
 
     lat = report.latency
     out = [f"# kdcli export report: {report.student.name}", ""]
-    out += [table(["", "teacher", "student", "ratio"], _resource_rows(report)), ""]
+    out += [table(_resource_head(report), _resource_rows(report)), ""]
     if report.accuracy:
         out += [f"Accuracy on {report.accuracy.samples:,} evaluation samples.", ""]
     for provider in lat.onnxruntime:
-        out += [f"## Latency: onnxruntime {provider} ({_threads(report, provider)} threads)", "",
-                table(_LAT_HEAD, _latency_rows(report, provider)), ""]
+        out += [f"## Latency: onnxruntime {provider} ({_threads(lat.onnxruntime[provider])})", "",
+                table(_latency_head(report, provider), _latency_rows(report, provider)), ""]
     if lat.pytorch:
-        out += ["## Latency: PyTorch eager (reference)", ""]
+        out += [f"## Latency: PyTorch eager (reference, {_threads(lat.pytorch)})", ""]
         rows = [[str(bs)] + [ms(st.median_ms) if (st := _stats(lat.pytorch, m, bs)) else DASH
                              for m in ("teacher", "student")] for bs in lat.batch_sizes]
         out += [table(["batch", "teacher median ms", "student median ms"], rows), ""]
     out += ["## Verification (ONNX vs PyTorch)", ""]
     out += [table(_VER_HEAD, _verification_rows(report, opset_as_text=True)), ""]
+    if report.student_int8:
+        out += ["## int8 student (dynamic quantisation, onnxruntime)", "", table(_INT8_HEAD, _int8_rows(report)), ""]
     gates = report.gates
     if gates.expressions:
         out += ["## Gates", ""]
@@ -119,9 +166,9 @@ def render_html(report: ExportReport) -> str:
 
     lat = report.latency
     provider = lat.primary_provider
-    body = [html_table(["", "teacher", "student", "ratio"], _resource_rows(report))]
+    body = [html_table(_resource_head(report), _resource_rows(report))]
     series = {}
-    for model in ("teacher", "student"):
+    for model in ("teacher", "student", INT8):
         for prov, table in [(provider, lat.onnxruntime.get(provider, {})), ("PyTorch", lat.pytorch)]:
             pts = [(float(bs), st.median_ms) for bs in lat.batch_sizes if (st := _stats(table, model, bs))]
             if pts:
@@ -136,10 +183,15 @@ def render_html(report: ExportReport) -> str:
         charts.append(line_chart(pts, title="Accuracy against size", x_label="MACs", y_label="accuracy (%)", y_max=100.0))
     body.append('<div class="charts">' + "".join(charts) + "</div>")
     for prov in lat.onnxruntime:
-        body.append(f"<h2>Latency: onnxruntime {html.escape(prov)} ({_threads(report, prov)} threads)</h2>")
-        body.append(html_table(_LAT_HEAD, _latency_rows(report, prov)))
+        body.append(f"<h2>Latency: onnxruntime {html.escape(prov)} ({_threads(lat.onnxruntime[prov])})</h2>")
+        body.append(html_table(_latency_head(report, prov), _latency_rows(report, prov)))
+    if lat.pytorch:
+        body.append(f"<p>PyTorch eager reference: {_threads(lat.pytorch)}.</p>")
     body.append("<h2>Verification (ONNX vs PyTorch)</h2>")
     body.append(html_table(_VER_HEAD, _verification_rows(report, opset_as_text=False)))
+    if report.student_int8:
+        body.append("<h2>int8 student (dynamic quantisation, onnxruntime)</h2>")
+        body.append(html_table(_INT8_HEAD, _int8_rows(report)))
     gates = report.gates
     if gates.expressions:
         body.append("<h2>Gates</h2><ul>")
@@ -156,17 +208,26 @@ def render_html(report: ExportReport) -> str:
 # -------------------------------------------------------------------------------------- terminal
 
 def summary_table(report: ExportReport):
-    """A rich Table for the terminal: resources, accuracy and latency, teacher next to student."""
+    """A rich Table for the terminal: resources, accuracy and latency, teacher next to student (and
+    the int8 student when there is one); the caption names the thread count."""
     from rich.table import Table
 
-    table = Table(title=f"export: {report.student.name}", show_lines=False)
-    for col, justify in (("", "left"), ("teacher", "right"), ("student", "right"), ("ratio", "right")):
-        table.add_column(col, justify=justify)
+    provider = report.latency.primary_provider
+    short = provider.replace("ExecutionProvider", "")
+    table = Table(title=f"export: {report.student.name}", show_lines=False,
+                  caption=f"onnxruntime {short}: {_threads(report.latency.table(provider))} (intra-op)")
+    head = _resource_head(report)
+    for col in head:
+        table.add_column(col, justify="left" if not col else "right")
     for row in _resource_rows(report):
         table.add_row(*row)
-    provider = report.latency.primary_provider
+    timed = _has_int8(report, provider)
     for row in _latency_rows(report, provider):
-        table.add_row(f"latency @{row[0]} (ms, {provider.replace('ExecutionProvider', '')})", row[1], row[2], row[5])
+        int8 = [row[3] if timed else DASH] if report.student_int8 else []
+        table.add_row(f"latency @{row[0]} (ms, {short})", row[1], row[2], *int8, row[6 if timed else 5])
+    if timed:
+        for bs in report.latency.batch_sizes:
+            table.add_row(f"int8 speed-up @{bs} (vs teacher / student)", "", "", _int8_speedups(report, provider, bs), "")
     return table
 
 

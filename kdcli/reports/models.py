@@ -73,6 +73,16 @@ class Verification(_Strict):
     atol: Optional[float] = Field(None, description="the largest absolute difference allowed")
 
 
+class GraphStats(_Strict):
+    """What :func:`kdcli.export.graph.simplify` did to the exported graph before it was saved."""
+
+    nodes_before: int = Field(description="nodes as the exporter wrote them")
+    nodes: int = Field(description="nodes in the saved file")
+    batchnorm_folded: int = Field(description="BatchNormalization nodes folded into the Conv before them")
+    identity_removed: int = Field(description="Identity nodes removed")
+    initializers_removed: int = Field(0, description="initializers no longer used, dropped")
+
+
 class ExportedModel(_Strict):
     """One exported model (``student.onnx`` or ``teacher.onnx``)."""
 
@@ -86,6 +96,27 @@ class ExportedModel(_Strict):
     params: int
     macs: int
     verification: Verification
+    graph: Optional[GraphStats] = Field(None, description="graph simplification (absent from earlier reports)")
+
+
+class QuantizedModel(_Strict):
+    """The student with int8 weights (``export.quantize: dynamic``): ``student.int8.onnx``, timed
+    as ``student_int8`` in the onnxruntime latency table of the primary provider."""
+
+    file: str = Field(description="file name of the .onnx, next to report.json")
+    method: Literal["dynamic"] = Field(description="onnxruntime quantize_dynamic: int8 weights (QInt8)")
+    size_bytes: int
+    quantized_nodes: int = Field(description="operators stored with int8 weights (ConvInteger, MatMulInteger, ...)")
+    preprocessed: bool = Field(description="whether onnxruntime's quant_pre_process ran first")
+    accuracy: Optional[float] = Field(description="ONNX top-1 accuracy on the evaluation data; null without it")
+    top1_agreement: float = Field(description="fraction of the verification inputs with the fp32 student's top-1 class")
+    max_abs_diff: float = Field(description="largest absolute logit difference from the fp32 student")
+    samples: int
+    inputs: Literal["data", "random"]
+    speedup: dict[str, Annotated[dict[BatchSize, float], _OnlyPatternKeys()]] = Field(
+        description="provider → batch size → teacher / int8 median; empty without a teacher")
+    speedup_vs_student: dict[str, Annotated[dict[BatchSize, float], _OnlyPatternKeys()]] = Field(
+        description="provider → batch size → fp32 student / int8 median")
 
 
 class Ratios(_Strict):
@@ -124,7 +155,7 @@ class LatencyStats(_Strict):
     threads: int
 
 
-ByModel = dict[str, Annotated[dict[BatchSize, LatencyStats], _OnlyPatternKeys()]]  # model ("teacher"/"student") → batch size → stats
+ByModel = dict[str, Annotated[dict[BatchSize, LatencyStats], _OnlyPatternKeys()]]  # model ("teacher"/"student"/"student_int8") → batch size → stats
 
 
 class Latency(_Strict):
@@ -173,6 +204,8 @@ class ExportReport(_Strict):
     environment: dict[str, Union[str, int]] = Field(description="package versions and CPU threads")
     student: ExportedModel
     teacher: Optional[ExportedModel]
+    student_int8: Optional[QuantizedModel] = Field(None, description=(
+        "the int8 student (export.quantize: dynamic); null otherwise (absent from earlier reports)"))
     ratios: Optional[Ratios] = Field(description="student / teacher; null without a teacher")
     accuracy: Optional[Accuracy] = Field(description="null without evaluation data")
     latency: Latency
