@@ -254,7 +254,8 @@ def epoch_phase(label: str) -> str:
 
 
 _STEP_KEYS = ("tau", "macs_ratio", "params_ratio", "val_accuracy", "accuracy_drop", "aggressiveness",
-              "target_macs", "macs", "params", "seconds", "latency_ms", "teacher_val_accuracy")
+              "target_macs", "macs", "params", "seconds", "latency_ms", "latency_aim_ms", "predicted_latency_ms",
+              "teacher_val_accuracy")
 
 
 def step_scalars(record: dict) -> dict[str, float]:

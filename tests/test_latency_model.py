@@ -304,6 +304,13 @@ def test_a_speedup_target_drives_the_loop_on_the_lookup_table(tmp_path, monkeypa
     kept = [r for r in res.steps if r["accepted"]]
     assert kept and all(r["latency_ms"] is not None for r in kept)
     assert any("aim" in line and "at batch 16" in line and "lookup table" in line for line in infos)
+    # each step records what it aimed at and what the table predicted, below the latency it started from
+    aimed = [r for r in res.steps if r["latency_aim_ms"] is not None]
+    assert aimed and all(0 < r["predicted_latency_ms"] and r["latency_aim_ms"] > 0 for r in aimed)
+    first = aimed[0]
+    assert all(r["predicted_latency_ms"] <= 1.05 * r["latency_aim_ms"] for r in aimed)  # plans land under their aim
+    md = (run_dir / "compress_report.md").read_text()
+    assert "latency ms" in md and f"aim {first['latency_aim_ms']:.3g}" in md
     table = json.loads((run_dir / "latency_lut.json").read_text())["tables"]
     (entries,) = table.values()
     assert entries and all(k.endswith(" b16") for k in entries)  # measured at the target's batch size

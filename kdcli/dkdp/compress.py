@@ -219,6 +219,8 @@ class Attempt:
     lam: dict | None = None
     accuracy: float = float("nan")
     latency: float | None = None
+    latency_aim: float | None = None        # a speed target: the latency the step aimed at (ms)
+    latency_predicted: float | None = None  # and what the lookup table predicted for its plan
     diverged: str | None = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -305,6 +307,8 @@ class Loop:
         a.tau, a.history = _prune_step(ctx.recipe, self.student, ctx.example, ctx.data, ctx.device, a.aim, a.k,
                                        ctx.reporter, None if last else state.failed_macs, speed=speed)
         distributed.check_same(a.history, f"the pruning plan of step {a.k}")
+        if speed is not None:
+            a.latency_aim, a.latency_predicted = speed.aim, speed.predicted
         a.new_macs, a.new_params = count_macs_params(self.student, ctx.example)
         t_macs = ctx.target.teacher_macs
         ctx.reporter.info(f"step {a.k}: τ={a.tau if a.tau is None else round(a.tau, 4)}  MACs {macs:,} → "
@@ -373,7 +377,7 @@ class Loop:
         self._record(StepRecord(a.k, state.attempts, a.tau, state.aggressiveness, a.aim, a.new_macs, a.new_params,
                                 a.new_macs / ctx.target.teacher_macs, a.new_params / ctx.target.teacher_params,
                                 a.accuracy, drop, accepted, reason, time.perf_counter() - a.started, a.latency,
-                                a.train_history, t_acc, forced), a.lam)
+                                a.train_history, t_acc, forced, a.latency_aim, a.latency_predicted), a.lam)
         if forced:
             ctx.reporter.warn(f"step {a.k}: {forced}")
 

@@ -43,6 +43,8 @@ class StepRecord:
     train_history: list = field(default_factory=list)
     teacher_val_accuracy: float | None = None  # the teaching teacher after distill.train_teacher
     forced: str | None = None  # why the target forced this step past the accuracy budget or the largest held cut
+    latency_aim_ms: float | None = None  # a speed target: the latency the step aimed at
+    predicted_latency_ms: float | None = None  # what the latency lookup table predicted for its plan
 
 
 @dataclass

@@ -82,6 +82,8 @@ class SpeedStep:
     aggressiveness: float
     last: bool = False
     floor: float | None = None
+    aim: float | None = None        # after plan(): the latency this step aimed at (ms; None: it served another target)
+    predicted: float | None = None  # after plan(): what the lookup table predicted for the plan taken (ms)
 
     def aim_ms(self, current_ms: float) -> float:
         """This step's latency aim from the measured ``current_ms``."""
@@ -103,6 +105,7 @@ class SpeedStep:
         current = student_latency_ms(pruner.model, self.teacher, self.target, self.input_shape)
         aim = self.aim_ms(current)
         if aim >= current:  # the latency target holds: the step serves the MACs (or parameters) target
+            self.aim = self.predicted = None
             return pruner.plan_for_macs(scores, aim_macs)
         table = LatencyTable(Path(self.run_dir) / LUT_FILE)
         model = LatencyModel(pruner.model, pruner.example, table, self.target.batch_size)
@@ -114,6 +117,7 @@ class SpeedStep:
             aim += (current - aim) * 0.3  # the undone attempt's cut held no more: cut less
             result = plan_for_latency(pruner, scores, aim, model)
         plan = result.plan
+        self.aim, self.predicted = float(aim), float(result.predicted_ms)
         if self.target.macs is not None and pruner.plan_macs(plan) > aim_macs:
             plan = pruner.take_to_macs(scores, plan, aim_macs)
         if reporter is not None:

@@ -142,12 +142,30 @@ def summary_table(result):
     return table
 
 
+def _timed(result) -> bool:
+    """Whether the steps were timed (a latency or speed-up target): then the table shows latency."""
+    return any(r.get("latency_ms") is not None for r in result.steps)
+
+
+def _latency_cell(r: dict) -> str:
+    """The step's measured latency, with its aim and the lookup table's prediction when it aimed at one."""
+    ms = r.get("latency_ms")
+    if ms is None:
+        return "–"
+    aim, pred = r.get("latency_aim_ms"), r.get("predicted_latency_ms")
+    return f"{ms:.3g}" + (f" (aim {aim:.3g}, predicted {pred:.3g})" if aim is not None and pred is not None else "")
+
+
+def _step_headers(result) -> list[str]:
+    return _STEP_HEADERS[:4] + (["latency ms"] if _timed(result) else []) + _STEP_HEADERS[4:]
+
+
 def _steps_rows(result) -> list[list[str]]:
-    rows = []
+    rows, timed = [], _timed(result)
     for r in result.steps:
         tau = r.get("tau")
         rows.append([str(r["step"]), str(r["attempt"]), "–" if tau is None else f"{tau:.4f}",
-                     f"{r['macs_ratio']:.3f}", integer(r["params"]),
+                     f"{r['macs_ratio']:.3f}", *([_latency_cell(r)] if timed else []), integer(r["params"]),
                      pct(r["val_accuracy"]) if r["val_accuracy"] == r["val_accuracy"] else "–",  # NaN: diverged
                      f"{100 * r['accuracy_drop']:.2f}" if r["accuracy_drop"] == r["accuracy_drop"] else "–",
                      ("yes (forced)" if r.get("forced") else "yes") if r["accepted"] else "no",
@@ -168,8 +186,8 @@ def render_markdown(result) -> str:
     if data_lines(result):
         out += ["", "## Data", ""] + [f"- {line}" for line in data_lines(result)]
     if result.steps:
-        out += ["", "## DKDP steps", "", "| " + " | ".join(_STEP_HEADERS) + " |",
-                "|" + "---|" * len(_STEP_HEADERS)]
+        headers = _step_headers(result)
+        out += ["", "## DKDP steps", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in _steps_rows(result)]
     lam = result.vid_lambda
     if lam:
@@ -211,7 +229,7 @@ def render_html(result) -> str:
     if data_lines(result):
         body += ["<h2>Data</h2>", "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in data_lines(result)) + "</ul>"]
     if result.steps:
-        body += ["<h2>DKDP steps</h2>", html_table(_STEP_HEADERS, _steps_rows(result))]
+        body += ["<h2>DKDP steps</h2>", html_table(_step_headers(result), _steps_rows(result))]
     lam = result.vid_lambda
     if lam:
         body += [f"<h2>VID layer weights λ ({_lambda_kind(lam)})</h2>",

@@ -84,6 +84,11 @@ class Step(Strict):
     teacher_val_accuracy: Optional[float] = Field(None, description="the teaching teacher after distill.train_teacher")
     forced: Optional[str] = Field(None, description=(
         "why the target forced this step past the accuracy budget or the largest held cut; null otherwise"))
+    latency_aim_ms: Optional[float] = Field(None, description=(
+        "with a latency or speed-up target: the latency (ms at target.batch_size) this step aimed at; null when "
+        "it served another target"))
+    predicted_latency_ms: Optional[float] = Field(None, description=(
+        "what the latency lookup table predicted for the step's plan (ms); null without an aim"))
 
 
 class VidLambda(Strict):
