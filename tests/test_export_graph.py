@@ -18,6 +18,7 @@ from kdcli.config.recipe import parse_recipe
 from kdcli.errors import InputError, RecipeError
 from kdcli.export.graph import simplify
 from kdcli.export.latency import make_session
+from kdcli.export.quiet import quiet
 from kdcli.export.onnx import export_onnx, export_report, verify_onnx
 from kdcli.models import build_model
 from kdcli.reports.export import summary_table
@@ -117,7 +118,7 @@ def _resnet():
 def _unfolded_export(model, example, opset):
     """A TorchScript export that keeps BatchNormalization (no eval-mode Conv+BN fusion)."""
     f = io.BytesIO()
-    with export_mod._quiet():
+    with quiet():
         torch.onnx.export(model, (example,), f, dynamo=False, opset_version=opset, training=torch.onnx.TrainingMode.PRESERVE,
                           do_constant_folding=False, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})

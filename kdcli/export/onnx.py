@@ -12,13 +12,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import os
 import platform
-import re
-import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +28,7 @@ from kdcli.errors import ExportError, InputError
 from kdcli.export.latency import (available_providers, default_threads, make_session, measure_latency,
                                   measure_torch_latency)
 from kdcli.export.graph import simplify
+from kdcli.export.quiet import first_line, quiet, quiet_stderr_fd
 from kdcli.files import atomic_write_bytes
 from kdcli.prune.pruner import count_macs_params
 from kdcli.reports.export import write_reports
@@ -73,14 +70,14 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
             try:
                 proto, exporter = _export_dynamo(model, example, opset), "torch.export"
             except Exception as exc:  # any exporter failure: try the other one
-                errors.append(f"torch.export-based exporter: {_first_line(exc)}")
+                errors.append(f"torch.export-based exporter: {first_line(exc)}")
         else:
             notes.append(f"opset {opset} < {MIN_DYNAMO_OPSET}: used the TorchScript exporter")
         if proto is None:
             try:
                 proto, exporter = _export_torchscript(model, example, opset, path.parent), "torchscript"
             except Exception as exc:
-                errors.append(f"TorchScript exporter: {_first_line(exc)}")
+                errors.append(f"TorchScript exporter: {first_line(exc)}")
                 raise ExportError(f"{path}: cannot export {type(model).__name__} to ONNX: "
                                   + "; ".join(errors)) from None
             if errors:
@@ -117,7 +114,7 @@ def _simplify(proto, large: bool):
     try:
         return simplify(work)
     except Exception as exc:  # noqa: BLE001 - the exporter's graph is valid as it is
-        return proto, {"notes": [f"graph simplification skipped: {_first_line(exc)}"]}
+        return proto, {"notes": [f"graph simplification skipped: {first_line(exc)}"]}
 
 
 def _prepare(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
@@ -135,7 +132,7 @@ def _prepare(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.
             out = model(example)
     except Exception as exc:
         raise ExportError(f"export: the model's forward pass fails on an input of shape "
-                          f"{list(example.shape)}: {_first_line(exc)}") from None
+                          f"{list(example.shape)}: {first_line(exc)}") from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != example.shape[0]:
@@ -144,43 +141,8 @@ def _prepare(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.
     return model, example
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence exporter warnings and log lines (they are not the user's concern when export works)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _quiet_stderr_fd():
-    """Redirect file descriptor 2 for the duration: on failure, both exporters dump graphs there
-    (torch.export through loggers that ignore their parents' level, TorchScript from C++)."""
-
-    try:
-        fd = os.dup(2)
-    except OSError:  # no stderr to redirect
-        yield
-        return
-    with tempfile.TemporaryFile() as sink:
-        sys.stderr.flush()
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(fd, 2)
-            os.close(fd)
-
-
 def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int):
-    with _quiet(), _quiet_stderr_fd(), contextlib.redirect_stdout(None):
+    with quiet(), quiet_stderr_fd(), contextlib.redirect_stdout(None):
         program = torch.onnx.export(
             model, (example,), None, dynamo=True, opset_version=opset, verbose=False,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], optimize=True,
@@ -191,7 +153,7 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int):
 def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int, where: Path):
 
     where.mkdir(parents=True, exist_ok=True)
-    with _quiet(), _quiet_stderr_fd(), tempfile.TemporaryDirectory(dir=where, prefix=".export-") as tmp:
+    with quiet(), quiet_stderr_fd(), tempfile.TemporaryDirectory(dir=where, prefix=".export-") as tmp:
         # a file path (not BytesIO) so that a model over 2 GB can use external data
         f = Path(tmp) / "model.onnx"
         torch.onnx.export(model, (example,), str(f), dynamo=False, opset_version=opset, verbose=False,
@@ -220,7 +182,7 @@ def _save(proto, path: Path, large: bool) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{path}: the exported model fails onnx.checker: {_first_line(exc)}") from None
+        raise ExportError(f"{path}: the exported model fails onnx.checker: {first_line(exc)}") from None
 
 
 def onnx_size(path: str | Path) -> int:
@@ -308,22 +270,6 @@ def verify_onnx(path: str | Path, model: nn.Module, x: torch.Tensor | None = Non
                           f"(allowed {atol:g}; logits up to {float(np.abs(ref).max()) if ref.size else 0:.3g}), "
                           f"top-1 disagrees on {bad} of {len(x)} samples")
     return result
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(exc: BaseException) -> str:
-    """The most specific line of an exception chain: the root cause's first non-empty line."""
-    chain = [exc]
-    while chain[-1].__cause__ is not None and len(chain) < 20:
-        chain.append(chain[-1].__cause__)
-    for e in reversed(chain):
-        lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
-        if lines:
-            line = f"{type(e).__name__}: {lines[0]}"
-            return line if len(line) <= 240 else line[:237] + "..."
-    return type(exc).__name__
 
 
 
@@ -522,7 +468,7 @@ def _quantize_student(path: Path, info: dict, x: torch.Tensor | None, input_shap
     try:
         res = quantize_dynamic_int8(path, dst, metadata={"role": INT8_ROLE, "quantization": "dynamic int8 (QInt8)"})
     except Exception as exc:  # noqa: BLE001 - the fp32 export stands; quantisation is extra
-        why = str(exc) if isinstance(exc, ExportError) else _first_line(exc)
+        why = str(exc) if isinstance(exc, ExportError) else first_line(exc)
         notes.append(f"{INT8_ROLE}: dynamic quantisation failed, nothing written: {why}")
         return None
     notes += [f"{INT8_ROLE}: {n}" for n in res["notes"]]

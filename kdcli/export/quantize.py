@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 
 from kdcli.errors import ExportError
+from kdcli.export.quiet import first_line, quiet, quiet_stderr_fd
 from kdcli.files import atomic_write_bytes
 
 __all__ = ["INT8_OPS", "quantize_dynamic_int8"]
@@ -51,24 +52,23 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path, *, metadata: dict | 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from kdcli.export.latency import make_session
-    from kdcli.export.onnx import _first_line, _quiet, _quiet_stderr_fd
 
     src, dst = Path(src), Path(dst)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as tmp, \
-            _quiet(), _quiet_logging(), _quiet_stderr_fd(), contextlib.redirect_stdout(None):
+            quiet(), _quiet_logging(), quiet_stderr_fd(), contextlib.redirect_stdout(None):
         source, pre = src, Path(tmp) / "pre.onnx"
         try:
             quant_pre_process(str(src), str(pre))
             source = pre
         except Exception as exc:  # noqa: BLE001 - optional step: quantise without it
-            notes.append(f"quant_pre_process failed ({_first_line(exc)}); quantised without it")
+            notes.append(f"quant_pre_process failed ({first_line(exc)}); quantised without it")
         out = Path(tmp) / "int8.onnx"
         try:
             quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8)
             proto = onnx.load(str(out))
         except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised further
-            raise ExportError(f"{dst.name}: quantize_dynamic failed: {_first_line(exc)}") from None
+            raise ExportError(f"{dst.name}: quantize_dynamic failed: {first_line(exc)}") from None
     quantized = sum(n.op_type in INT8_OPS for n in proto.graph.node)
     if not quantized:
         raise ExportError(f"{dst.name}: quantize_dynamic found no operator it quantises (Conv, MatMul, ...)")
@@ -80,7 +80,7 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path, *, metadata: dict | 
     try:
         make_session(data, threads=1)
     except Exception as exc:  # noqa: BLE001 - e.g. an int8 kernel this onnxruntime build lacks
-        raise ExportError(f"{dst.name}: onnxruntime cannot load the quantised model: {_first_line(exc)}") from None
+        raise ExportError(f"{dst.name}: onnxruntime cannot load the quantised model: {first_line(exc)}") from None
     atomic_write_bytes(dst, data)
     return {"path": str(dst), "size_bytes": dst.stat().st_size, "quantized_nodes": int(quantized),
             "preprocessed": source != src, "notes": notes}
