@@ -313,3 +313,21 @@ def test_gpu_check_script_runs_cut_down_on_the_cpu(tmp_path):
     assert out["benchmark"] == "gpu_check" and out["torchrun_2"] == "skipped"
     assert out["quickstart"]["target_met"] and out["quickstart"]["onnx_speedup"]["64"] > 1
     assert out["distill_throughput"]["amp"] and out["distill_throughput"]["ratio"] > 0
+
+
+def test_torchrun_train_and_a_speed_target_agree_across_ranks(tmp_path):
+    """`kdcli train` writes one teacher; a speed-up target (latencies timed by rank 0 alone, the
+    lookup table shared) gives both ranks the same plans, or check_same would stop the run."""
+    res = torchrun(2, "train", "--out", tmp_path / "t" / "teacher.kdc", "--set", "teacher.train.epochs=3",
+                   "--device", "cpu", "--threads", "1", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["teacher"].endswith("teacher.kdc")  # one JSON result
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["teacher.kdc"]
+    res = torchrun(2, "compress", "--out", tmp_path / "speed", "--no-export", "--device", "cpu", "--threads", "1",
+                   "--set", f"teacher.checkpoint={tmp_path / 't' / 'teacher.kdc'}", "--set", "distill.train.epochs=1",
+                   "--set", "prune.final_epochs=1", "--set", "target.macs=null", "--set", "target.speedup=1.5",
+                   "--set", "target.max_accuracy_drop=0.5", "--set", "export.batch_sizes=[16]")
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = json.loads((tmp_path / "speed" / "result.json").read_text())["steps"]
+    assert steps and any(s["latency_aim_ms"] is not None for s in steps)
+    assert (tmp_path / "speed" / "latency_lut.json").is_file()
