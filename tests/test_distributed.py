@@ -327,7 +327,9 @@ def test_torchrun_train_and_a_speed_target_agree_across_ranks(tmp_path):
                    "--set", f"teacher.checkpoint={tmp_path / 't' / 'teacher.kdc'}", "--set", "distill.train.epochs=1",
                    "--set", "prune.final_epochs=1", "--set", "target.macs=null", "--set", "target.speedup=1.5",
                    "--set", "target.max_accuracy_drop=0.5", "--set", "export.batch_sizes=[16]")
-    assert res.returncode == 0, res.stderr[-3000:]
+    # met or not (exit 3: an MLP this small times within the noise of a shared machine), the run ended cleanly
+    assert res.returncode in (0, 3), res.stderr[-3000:]
+    assert "differs between ranks" not in res.stderr
     steps = json.loads((tmp_path / "speed" / "result.json").read_text())["steps"]
     assert steps and any(s["latency_aim_ms"] is not None for s in steps)
     assert (tmp_path / "speed" / "latency_lut.json").is_file()
