@@ -48,7 +48,7 @@ import yaml
 from torch import nn
 
 from kdcli.analyze.analysis import analyze as run_analyze
-from kdcli.config.recipe import Recipe, builtin_recipe_path, load_recipe, parse_recipe
+from kdcli.config.recipe import QUANTIZE_METHODS, Recipe, builtin_recipe_path, load_recipe, parse_recipe
 from kdcli.console import Reporter
 from kdcli.data.loader import DataBundle
 from kdcli.dkdp.compress import compress as run_compress
@@ -216,8 +216,8 @@ def export(student: "PathLike | nn.Module", *, teacher: "PathLike | nn.Module | 
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads: expected an integer >= 1, got {threads!r}")
-    if quantize not in (None, "none", "dynamic"):
-        raise InputError(f"quantize: expected 'none' or 'dynamic', got {quantize!r}")
+    if quantize is not None and quantize not in QUANTIZE_METHODS:
+        raise InputError(f"quantize: expected {' or '.join(map(repr, QUANTIZE_METHODS))}, got {quantize!r}")
     rec = _load_recipe(recipe) if recipe is not None else None
     out = Path(out)
     check_writable_dir(out, "out")

@@ -101,9 +101,9 @@ def _error(message: str, every_rank: bool = True) -> None:
         from kdcli import distributed
 
         distributed.record_error(message)
-        if not every_rank and distributed.rank() != 0:
+        if not every_rank and _rank() != 0:
             return
-        message = f"rank {distributed.rank()}: {message}"
+        message = f"rank {_rank()}: {message}"
     typer.echo(f"error: {message}", err=True)
 
 
@@ -333,14 +333,14 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     import torch
 
     from kdcli.export.onnx import export_report
-    from kdcli.config.recipe import load_recipe
+    from kdcli.config.recipe import QUANTIZE_METHODS, load_recipe
     from kdcli.models.file import export_info
 
     from kdcli.files import check_writable_dir
     from kdcli.reports.gates import evaluate_gates, load_baseline, parse_gates
 
-    if quantize is not None and quantize not in ("none", "dynamic"):
-        raise InputError(f"--quantize {quantize!r}: expected none or dynamic")
+    if quantize is not None and quantize not in QUANTIZE_METHODS:
+        raise InputError(f"--quantize {quantize!r}: expected {' or '.join(QUANTIZE_METHODS)}")
     rec = load_recipe(recipe) if recipe is not None else None
     check_writable_dir(out, "--out")
     if junit is not None:
@@ -498,6 +498,7 @@ def report_diff(a: Path = typer.Argument(..., metavar="A", help="The earlier rep
                                         help="A terminal table (default), Markdown (a PR comment, a CI summary) or JSON."),
                 json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Two reports side by side: A, B, the change, and where B is worse (latency beyond the noise band)."""
+    _one_process("report diff")
     from kdcli.reports.diff import FORMATS, diff_files, render
 
     if fmt not in FORMATS:
@@ -526,7 +527,7 @@ def main() -> None:
     global _LAUNCHED
     import os
 
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if "RANK" in os.environ:  # set by torchrun; without it torch is not imported here (kdcli --help stays fast)
         from kdcli import distributed
 
         _LAUNCHED = distributed.setup()
@@ -538,10 +539,7 @@ def main() -> None:
         raise
     finally:
         if _LAUNCHED:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            distributed.teardown()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,8 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kdcli.errors import KdcliError
+
 __all__ = ["active", "barrier", "broadcast", "check_same", "launched", "on_main", "rank", "record_error",
-           "setup", "sum_over_ranks", "world_size", "wrap_step"]
+           "setup", "sum_over_ranks", "teardown", "world_size", "wrap_step"]
 
 TIMEOUT = timedelta(minutes=60)  # rank 0 may export or time latencies for minutes while the others wait
 _local = threading.local()  # inside on_main's function on rank 0: no collectives
@@ -77,6 +79,12 @@ def setup() -> bool:
             backend = "cpu:gloo,cuda:nccl"
         dist.init_process_group(backend, timeout=TIMEOUT)
     return True
+
+
+def teardown() -> None:
+    """Leave the process group (at the end of a command under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_for(device: torch.device) -> torch.device:
@@ -173,8 +181,6 @@ def check_same(obj: Any, what: str) -> None:
     dist.all_gather_object(seen, obj)
     bad = [r for r, o in enumerate(seen) if o != seen[0]]
     if bad:
-        from kdcli.errors import KdcliError
-
         raise KdcliError(f"{what} differs between ranks (rank 0 and rank {bad[0]}); the ranks must agree "
                          "(data-driven scores are averaged over ranks: a rank-dependent model or data source?)")
 

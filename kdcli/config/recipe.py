@@ -224,6 +224,9 @@ class TargetSpec(Strict):
         return 1
 
 
+QUANTIZE_METHODS = ("none", "dynamic")  # export.quantize, --quantize, kdcli.export(quantize=)
+
+
 class ExportSpec(Strict):
     """``threads``: onnxruntime intra-op threads of every latency measurement (and torch's for the
     eager reference); null: one per CPU core the process may use. ``quantize: dynamic`` also
@@ -236,7 +239,7 @@ class ExportSpec(Strict):
     fail_if: list[str] = Field(default_factory=list)
     latency_budget_s: float = Field(2.0, gt=0, le=3600)
     threads: int | None = Field(None, ge=1, le=4096)
-    quantize: Literal["none", "dynamic"] = "none"
+    quantize: Literal[QUANTIZE_METHODS] = "none"
 
     @field_validator("batch_sizes")
     @classmethod

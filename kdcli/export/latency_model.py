@@ -242,6 +242,9 @@ class LatencyTable:
                 self._all = {}
         self.entries: dict[str, float] = {k: float(v) for k, v in (self._all.get(self.key) or {}).items()
                                           if isinstance(v, (int, float))}
+        # under torchrun every rank starts from rank 0's table (the file may be mid-write by rank 0),
+        # so all ranks miss the same signatures and only misses need a collective
+        self._all, self.entries = distributed.broadcast((self._all, self.entries))
         self._unsaved = 0
 
     def __len__(self) -> int:
@@ -249,20 +252,23 @@ class LatencyTable:
 
     def ms(self, sig: LayerSig) -> float:
         """The latency of ``sig``: from the table, else timed now (and added). Under torchrun
-        rank 0's table answers every rank (a timing is the clock's, not the data's)."""
-        if distributed.active():
-            return distributed.on_main(self.ms, sig)
+        rank 0 times a missing one and every rank adds its figure (a timing is the clock's, not
+        the data's)."""
         k = sig.key()
         v = self.entries.get(k)
         if v is None:
-            v = float(self.timer(sig)) if self.timer is not None else time_layer(
-                sig, threads=self.threads, provider=self.provider, time_budget_s=self.time_budget_s)
+            v = distributed.on_main(self._time, sig)
             self.entries[k] = v
             self.measured += 1
             self._unsaved += 1
             if self._unsaved >= 32:
                 self.save()
         return v
+
+    def _time(self, sig: LayerSig) -> float:
+        if self.timer is not None:
+            return float(self.timer(sig))
+        return time_layer(sig, threads=self.threads, provider=self.provider, time_budget_s=self.time_budget_s)
 
     def save(self) -> None:
         """Write the table (all runtimes' tables in the file are kept) atomically; rank 0 only."""
@@ -285,9 +291,12 @@ class LatencyModel:
         self.model, self.table, self.batch = model, table, int(batch_size)
         self.calls = layer_calls(model, example)
         self.scale = 1.0
+        # looked up for every layer call of every candidate plan: built once (pruning, trial or
+        # applied, changes the modules in place, never which modules there are)
+        self._modules = dict(model.named_modules())
 
     def modules(self) -> dict[str, nn.Module]:
-        return dict(self.model.named_modules())
+        return self._modules
 
     def widths(self) -> dict[str, tuple[int, int, int]]:
         """(cin, cout, groups) of every conv/linear layer as the model is now."""

@@ -27,6 +27,7 @@ from kdcli.console import Reporter
 from kdcli.errors import ExportError, InputError
 from kdcli.export.latency import (available_providers, default_threads, make_session, measure_latency,
                                   measure_torch_latency)
+from kdcli.config.recipe import QUANTIZE_METHODS
 from kdcli.export.graph import simplify
 from kdcli.export.quiet import first_line, quiet, quiet_stderr_fd
 from kdcli.files import atomic_write_bytes
@@ -297,7 +298,6 @@ def _environment() -> dict:
     return env
 
 
-QUANTIZE_METHODS = ("none", "dynamic")
 INT8_ROLE = "student_int8"
 
 

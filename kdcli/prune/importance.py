@@ -81,13 +81,13 @@ def _torch_pruning(imp, groups: Mapping[str, object]) -> dict:
     return out
 
 
-def mean_over_ranks(raw: dict, device: torch.device) -> dict:
+def mean_over_ranks(raw: dict) -> dict:
     """Under torchrun, average data-driven scores over ranks: each rank scores its own batches,
     and every rank must prune the same channels (the sum comes back identical on every rank)."""
     if not distributed.active():
         return raw
     names = list(raw)
-    flat = torch.cat([raw[n].detach().float().reshape(-1) for n in names]).to(device)
+    flat = torch.cat([raw[n].detach().float().reshape(-1) for n in names])
     flat = (distributed.sum_over_ranks(flat) / distributed.world_size()).float().cpu()
     out, start = {}, 0
     for n in names:

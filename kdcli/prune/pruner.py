@@ -308,7 +308,7 @@ class StructuredPruner:
                 if note not in self.notes:
                     self.notes.append(note)
         if crit in NEEDS_DATA:
-            raw = mean_over_ranks(raw, self.example.device)
+            raw = mean_over_ranks(raw)
         out = {}
         for name, s in raw.items():
             s = torch.nan_to_num(s.detach().float().cpu(), nan=0.0, posinf=0.0)
