@@ -137,10 +137,12 @@ def test_prune_half_the_macs_export_and_replay(name, args, shape, tmp_path):
     p = StructuredPruner(model, ex, round_to=8)
     assert len(p.groups) >= 2
     if name == "vit":
-        # the MLP hidden widths prune; the residual stream (LayerNorm statistics) and qkv (channels
-        # of q, k and v tied by the attention) are kept out by the probe, see kdcli/models/vit.py
-        assert sorted(p.groups) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
-        assert len(p.notes) == 1 and "3 groups kept out" in p.notes[0] and "attn.qkv" in p.notes[0]
+        # the MLP hidden widths prune by channels and the attention blocks by whole heads; the
+        # residual stream (LayerNorm statistics) is kept out by the probe, see kdcli/models/vit.py
+        assert sorted(p.groups) == ["blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1"]
+        assert {g: p.unit(g) for g in p.groups if "qkv" in g} == {"blocks.0.attn.qkv": "head", "blocks.1.attn.qkv": "head"}
+        assert p.group_channels()["blocks.0.attn.qkv"] == 2
+        assert len(p.notes) == 1 and "1 group kept out" in p.notes[0] and "mlp.fc2" in p.notes[0]
     else:
         assert p.notes == []  # every coupling of these nets is understood, shortcuts included
     before = p.group_channels()

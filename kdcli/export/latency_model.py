@@ -379,13 +379,13 @@ def plan_for_latency(pruner, scores: dict[str, torch.Tensor], aim_ms: float, mod
     while the aim can be reached otherwise, then ``(aim / now)²``, then any width: with flat
     scores the ratio alone would empty the group whose channels cost the most time first. Then
     ``round_to`` blocks are given back, highest importance first, while the prediction stays
-    under the aim. Groups keep at least ``round_to`` channels (one without it). Widths between
+    under the aim. Groups keep at least ``round_to`` channels (one without it; an attention
+    group's units are heads, one at a time, at least one kept). Widths between
     the measured ones follow each group's per-channel change of every layer (a trial pruning per
     group); the returned prediction is the plan's exact widths'. The aim may be out of reach: the
     plan then goes as far as the groups allow."""
     lm = model or LatencyModel(pruner.model, pruner.example, LatencyTable(None), 1)
     start_measured = lm.table.measured
-    r = pruner.round_to or 1
     scale = lm.scale
     aim_raw = float(aim_ms) / scale
     base = lm.widths()
@@ -396,7 +396,7 @@ def plan_for_latency(pruner, scores: dict[str, torch.Tensor], aim_ms: float, mod
     before_ms = total * scale
     sorted_scores = {g: torch.sort(torch.as_tensor(s, dtype=torch.float64).reshape(-1), stable=True)
                      for g, s in scores.items() if g in pruner.groups}
-    levels = {g: _levels(len(s.values), r) for g, s in sorted_scores.items()}
+    levels = {g: _levels(len(s.values), pruner.round_of(g)) for g, s in sorted_scores.items()}
     levels = {g: lv for g, lv in levels.items() if len(lv) > 1}
     deltas = {g: _deltas(pruner, lm, g, scores, lv[1]) for g, lv in levels.items()}
     deltas = {g: d for g, d in deltas.items() if d}

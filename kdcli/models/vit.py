@@ -12,13 +12,14 @@ reshapes with ``-1`` for the head count, so a model whose whole heads were remov
 and the heads left compute what they did; removing single dims of a head is not supported (the
 reshape fails), hence ``prune_head_dims=False`` below.
 
-What prunes. Through kdcli's StructuredPruner: the MLP hidden widths (``fc1`` out, ``fc2`` in).
-Its probe keeps out the residual stream (patch embedding, ``proj`` and ``fc2`` outputs, the class
-token and position embedding: LayerNorm normalises over those channels, so removing one is not
-zeroing it) and ``qkv`` (a group rooted at qkv's outputs removes a q channel without its k
-partner). Whole heads prune through torch-pruning's head pruning, fed
-:meth:`VisionTransformer.attention_heads`: a group rooted at ``proj``'s input channels removes a
-head's rows of q, k and v and its columns of ``proj``; nothing needs fixing afterwards.
+What prunes. Through kdcli's StructuredPruner: the MLP hidden widths (``fc1`` out, ``fc2`` in),
+by channels, and the attention blocks by whole heads (:mod:`kdcli.prune.heads`: the group
+rooted at ``qkv`` has one unit per head, the head's rows of q, k and v and its columns of
+``proj``; :meth:`VisionTransformer.attention_heads` tells the pruner the head count). Its probe
+keeps out the residual stream (patch embedding, ``proj`` and ``fc2`` outputs, the class token
+and position embedding: LayerNorm normalises over those channels, so removing one is not zeroing
+it). Torch-pruning's own pruners take :meth:`VisionTransformer.attention_heads` as ``num_heads``
+for the same head pruning; nothing needs fixing afterwards.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from torch import nn
 from kdcli.config.importance import NEEDS_DATA
 from kdcli.errors import InputError, ModelError
 from kdcli.prune.couplings import build_graph, replace_channel_pad_shortcuts
+from kdcli.prune.heads import attention_heads, head_units, sync_head_counts
 from kdcli.prune.importance import (IMPORTANCES, ROOT_TYPES, group_importance, mean_over_ranks)
 from kdcli.models.utils import eval_mode, first_tensor
 
@@ -171,6 +172,7 @@ class StructuredPruner:
         if out_name is not None:
             ignored.append(modules[out_name])
         self._ignored = ignored
+        self._heads = attention_heads(model)  # qkv -> head_dim, before anything is pruned
         self.dg = build_graph(model, example)
         with eval_mode(model), torch.no_grad():
             self._out_shape = first_tensor(model(example)).shape
@@ -198,9 +200,12 @@ class StructuredPruner:
     def _refresh_groups(self) -> None:
         """Enumerate the prunable groups of the model as it is now: ``self._groups`` (name ->
         torch-pruning group of all the group's channels, ``root_idxs`` numbered 0..n-1 in the
-        order of ``self._roots[name]``, the root layer's output channels of the group)."""
+        order of ``self._roots[name]``, the root layer's output channels of the group) and
+        ``self._units`` (name -> the positions in ``_roots[name]`` of each pruning unit: one
+        channel each, or for an attention ``qkv`` group one head each, see :mod:`kdcli.prune.heads`)."""
         self._groups: dict[str, tp.dependency.Group] = {}
         self._roots: dict[str, list[int]] = {}
+        self._units: dict[str, list[list[int]]] = {}
         for name, module, chans in _partition_groups(self.dg, self._ignored):
             if name in self._excluded:
                 continue
@@ -210,6 +215,8 @@ class StructuredPruner:
             for item in group:
                 item.root_idxs = [pos.get(r) if r is not None else None for r in item.root_idxs]
             self._groups[name], self._roots[name] = group, list(chans)
+            hd = self._heads.get(module)
+            self._units[name] = head_units(chans, module, hd) if hd else [[k] for k in range(len(chans))]
 
     def _names(self) -> str:
         names = list(self._groups)
@@ -221,8 +228,20 @@ class StructuredPruner:
         return list(self._groups)
 
     def group_channels(self) -> dict[str, int]:
-        """Channels per prunable group, as the model is now."""
-        return {name: len(g[0].idxs) for name, g in self._groups.items()}
+        """Units per prunable group, as the model is now: channels, or heads for an attention
+        group (:meth:`unit`); plans and scores index these units."""
+        return {name: len(u) for name, u in self._units.items()}
+
+    def unit(self, name: str) -> str:
+        """What group ``name`` prunes one at a time: ``"head"`` or ``"channel"``."""
+        return "head" if self._is_heads(name) else "channel"
+
+    def _is_heads(self, name: str) -> bool:
+        return self._groups[name][0].dep.target.module in self._heads
+
+    def round_of(self, name: str) -> int:
+        """The block a group's width is a multiple of: ``round_to`` (1 without it); 1 for heads."""
+        return 1 if self._is_heads(name) else (self.round_to or 1)
 
     def channels_at(self, name: str, path: str) -> list[int] | None:
         """The channels of layer ``path`` that group ``name``'s channels 0..n-1 are, in that order:
@@ -232,6 +251,8 @@ class StructuredPruner:
         when the group does not reach the layer one channel each (not at all, or through a flatten)."""
         if name not in self._groups:
             raise InputError(f"prune: no prunable group {name!r} (groups: {self._names()})")
+        if self._is_heads(name):
+            return None
         layer = dict(self.model.named_modules()).get(path)
         items = [it for it in self._groups[name] if it.dep.target.module is layer]
         items.sort(key=lambda it: not (self.dg.is_in_channel_pruning_fn(it.dep.handler)
@@ -243,10 +264,15 @@ class StructuredPruner:
                 return [int(i) for _, i in pairs]
         return None
 
+    def _root_channels(self, name: str, idxs: Sequence[int]) -> list[int]:
+        """The root layer's output channels of units ``idxs`` (positions 0..n-1) of group ``name``."""
+        chans, units = self._roots[name], self._units[name]
+        return sorted(chans[p] for i in idxs for p in units[int(i)])
+
     def _group_of(self, name: str, idxs: Sequence[int]):
-        """The torch-pruning group of channels ``idxs`` (positions 0..n-1) of group ``name``."""
-        dep, chans = self._groups[name][0].dep, self._roots[name]
-        return self.dg.get_pruning_group(dep.target.module, dep.handler, sorted(chans[int(i)] for i in idxs))
+        """The torch-pruning group of units ``idxs`` (positions 0..n-1) of group ``name``."""
+        dep = self._groups[name][0].dep
+        return self.dg.get_pruning_group(dep.target.module, dep.handler, self._root_channels(name, idxs))
 
     def _probe(self) -> tuple[list[str], bool]:
         """Groups whose pruning torch-pruning gets wrong: pruning one channel must give the same
@@ -260,8 +286,8 @@ class StructuredPruner:
         bad, conclusive = [], True
         with eval_mode(self.model), torch.no_grad():
             snap = _Snapshot(self.dg, self.model)
-            for name, group in self._groups.items():
-                n = len(group[0].idxs)
+            for name in self._groups:
+                n = len(self._units[name])
                 if n < 2:
                     continue
                 try:
@@ -270,6 +296,7 @@ class StructuredPruner:
                     masked = first_tensor(self.model(x))
                     conclusive = conclusive and bool(torch.isfinite(masked).all())
                     one.prune(record_history=False)
+                    sync_head_counts(self.model, self._heads)
                     pruned = first_tensor(self.model(x))
                     ok = (pruned.shape == masked.shape and bool(torch.isfinite(masked).all())
                           and float((pruned - masked).abs().max()) <= 1e-3 * (float(masked.abs().max()) + 1e-6))
@@ -312,16 +339,17 @@ class StructuredPruner:
         out = {}
         for name, s in raw.items():
             s = torch.nan_to_num(s.detach().float().cpu(), nan=0.0, posinf=0.0)
+            if self._is_heads(name):  # a head scores the sum over its rows of q, k and v
+                s = torch.stack([s[u].sum() for u in self._units[name]])
             mean = float(s.mean()) if s.numel() else 0.0
             out[name] = s / mean if mean > 0 else torch.zeros_like(s)
         return out
 
     # --- plans ----------------------------------------------------------------------------------
-    def _keep(self, n: int, remove: int) -> int:
-        """Channels left when ``remove`` channels qualify: at least one (``round_to`` if set),
-        rounded up to a multiple of ``round_to``; groups no larger than ``round_to`` stay whole."""
-        r = self.round_to or 1
-        if remove <= 0 or n <= 1 or (self.round_to and n <= r):
+    def _keep(self, n: int, remove: int, r: int) -> int:
+        """Units left when ``remove`` units qualify: at least one (``r``, the group's
+        :meth:`round_of`), rounded up to a multiple of ``r``; groups no larger than ``r`` stay whole."""
+        if remove <= 0 or n <= 1 or (r > 1 and n <= r):
             return n
         keep = max(n - remove, r)
         return min(n, math.ceil(keep / r) * r)
@@ -330,9 +358,9 @@ class StructuredPruner:
         for name, s in scores.items():
             if name not in self._groups:
                 raise InputError(f"prune: no prunable group {name!r} (groups: {self._names()})")
-            if len(s) != len(self._groups[name][0].idxs):
+            if len(s) != len(self._units[name]):
                 raise InputError(f"prune: scores of group {name!r} have {len(s)} entries, the group "
-                                 f"{len(self._groups[name][0].idxs)} channels; score the model as it is now")
+                                 f"{len(self._units[name])} {self.unit(name)}s; score the model as it is now")
 
     def plan_below(self, scores: dict[str, torch.Tensor], tau: float) -> dict[str, list[int]]:
         """Channels to remove per group: those scoring below ``tau``, lowest first, within the
@@ -342,7 +370,7 @@ class StructuredPruner:
         for name, s in scores.items():
             s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
             n = len(s)
-            remove = n - self._keep(n, int((s < tau).sum()))
+            remove = n - self._keep(n, int((s < tau).sum()), self.round_of(name))
             if remove > 0:
                 order = torch.sort(s, stable=True).indices
                 plan[name] = sorted(int(i) for i in order[:remove])
@@ -367,7 +395,7 @@ class StructuredPruner:
             self._check_scores({name: scores[name]})
             s = torch.as_tensor(scores[name], dtype=torch.float64).reshape(-1)
             n = len(s)
-            remove = n - self._keep(n, int(round(float(ratio) * n)))
+            remove = n - self._keep(n, int(round(float(ratio) * n)), self.round_of(name))
             if remove > 0:
                 plan[name] = sorted(int(i) for i in torch.sort(s, stable=True).indices[:remove])
         return plan
@@ -420,13 +448,13 @@ class StructuredPruner:
         whole remainder when fewer are left). Greedy, about one MAC count per group per round."""
         self._check_scores(scores)
         plan = {k: sorted(int(i) for i in v) for k, v in plan.items() if len(v)}
-        r = self.round_to or 1
         blocked: set[str] = set()
         for _ in range(max_rounds):
             cands = []
             for name, idxs in plan.items():
                 if name in blocked:
                     continue
+                r = self.round_of(name)
                 s = torch.as_tensor(scores[name], dtype=torch.float64).reshape(-1)
                 removed = sorted(idxs, key=lambda i: float(s[i]), reverse=True)
                 back = removed[:r] if len(removed) > r else removed
@@ -451,7 +479,6 @@ class StructuredPruner:
         would cross it, the one that lands highest. Groups are never emptied."""
         self._check_scores(scores)
         plan = {k: sorted(int(i) for i in v) for k, v in plan.items() if len(v)}
-        r = self.round_to or 1
         for _ in range(max_rounds):
             if self.plan_macs(plan) <= aim_macs:
                 return plan
@@ -459,6 +486,7 @@ class StructuredPruner:
             for name in self._groups:
                 if name in self._excluded:
                     continue
+                r = self.round_of(name)
                 s = torch.as_tensor(scores[name], dtype=torch.float64).reshape(-1)
                 gone = set(plan.get(name, []))
                 left = [i for i in torch.sort(s, stable=True).indices.tolist() if i not in gone]
@@ -529,21 +557,22 @@ class StructuredPruner:
         for name, idxs in plan.items():
             if name not in self._groups:
                 raise InputError(f"prune: no prunable group {name!r} (groups: {self._names()})")
-            n = len(self._groups[name][0].idxs)
+            n = len(self._units[name])
             if idxs and (len(set(idxs)) >= n or min(idxs) < 0 or max(idxs) >= n):
-                raise InputError(f"prune: plan for group {name!r} must remove some, not all, of its {n} channels")
+                raise InputError(f"prune: plan for group {name!r} must remove some, not all, of its {n} {self.unit(name)}s")
         roots = {name: self._groups[name][0].dep for name, idxs in plan.items() if idxs}
         alive = {dep.target.module: list(range(self.dg.get_out_channels(dep.target.module))) for dep in roots.values()}
         for name, dep in roots.items():
-            layer, chans = dep.target.module, self._roots[name]
-            now = alive[layer]
-            group = self.dg.get_pruning_group(layer, dep.handler, sorted(now.index(chans[int(i)]) for i in plan[name]))
+            layer, now = dep.target.module, alive[dep.target.module]
+            group = self.dg.get_pruning_group(layer, dep.handler,
+                                              sorted(now.index(c) for c in self._root_channels(name, plan[name])))
             for item in group:
                 if item.dep.target.module in alive and self.dg.is_out_channel_pruning_fn(item.dep.handler):
                     gone = set(item.idxs)
                     kept = alive[item.dep.target.module]
                     kept[:] = [c for k, c in enumerate(kept) if k not in gone]
             group.prune(record_history=record)
+        sync_head_counts(self.model, self._heads)
 
     def _check_forward(self) -> None:
         with eval_mode(self.model), torch.no_grad():
@@ -738,6 +767,7 @@ def replay_history(model: nn.Module, example: torch.Tensor, history: list) -> No
         except (TypeError, ValueError):
             raise ModelError(f"pruning history entry {i}: expected [module path, is_out_channel, [indices]], got {entry!r}") from None
     replace_channel_pad_shortcuts(model, example)  # as StructuredPruner did before pruning
+    heads = attention_heads(model)  # head sizes of the unpruned blocks, to set plain num_heads after
     modules = dict(model.named_modules())
     dg = build_graph(model, example)
     for i, entry in enumerate(entries):
@@ -749,3 +779,4 @@ def replay_history(model: nn.Module, example: torch.Tensor, history: list) -> No
         except Exception as exc:  # noqa: BLE001 - torch-pruning raises assorted types
             raise ModelError(f"pruning history entry {i} ({entry[0]}) does not replay: {_one_line(exc)}") from exc
     dg._pruning_history = [list(e) for e in entries]
+    sync_head_counts(model, heads)
