@@ -175,7 +175,19 @@ export:
             "export_speedup": {bs: round(v, 4) for bs, v in
                                ((res.export or {}).get("latency", {}).get("speedup", {})
                                 .get("CPUExecutionProvider", {}) or {}).items()},
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1), "structure": structure(run_dir / "student.kdc")}
+
+
+def structure(path: Path) -> dict:
+    """What the student kept: a ViT's heads and MLP widths per block, else its distinct layer widths."""
+    from torch import nn
+    from kdcli.models.file import load_model_file
+
+    model, _ = load_model_file(path)
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and hasattr(blocks[0], "attn"):
+        return {"heads": [b.attn.num_heads for b in blocks], "mlp": [b.mlp.fc1.out_features for b in blocks]}
+    return {"widths": sorted({m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)})}
 
 
 def floors(runs: list[dict]) -> dict:
