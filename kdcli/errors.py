@@ -10,6 +10,8 @@ Exit codes: 0 ok, 1 unexpected failure, 2 bad input or usage, 3 a quality gate w
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
@@ -57,3 +59,20 @@ class TrainingDiverged(KdcliError):
 
 class ExportError(KdcliError):
     """The model could not be exported to ONNX, or the ONNX model disagrees with PyTorch."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """One line naming a failure: ``Type: message`` of the most specific exception of the chain
+    (the root cause's first non-empty line), cut to ``limit`` characters."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    for e in reversed(chain):
+        lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+        if lines:
+            line = f"{type(e).__name__}: {lines[0]}"
+            return line if len(line) <= limit else line[:limit - 3] + "..."
+    return type(exc).__name__

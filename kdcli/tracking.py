@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from kdcli import __version__
 from kdcli.console import Reporter
-from kdcli.errors import InputError
+from kdcli.errors import InputError, first_line
 
 if TYPE_CHECKING:  # no torch or pydantic at import time
     from kdcli.config.recipe import Recipe
@@ -146,7 +146,7 @@ class Tracker:
             except InputError:
                 raise
             except Exception as exc:  # a store or server that does not answer: before any training
-                raise InputError(f"--log {sink.target}: cannot start tracking ({_first_line(exc)})") from None
+                raise InputError(f"--log {sink.target}: cannot start tracking ({first_line(exc, 300)})") from None
             self._started.append(sink)
 
     def wrap(self, reporter: Reporter) -> Reporter:
@@ -196,7 +196,7 @@ class Tracker:
             try:
                 sink.close(status)
             except Exception as exc:  # closing must not hide the run's own outcome
-                self._reporter.warn(f"--log {sink.target}: closing the tracking run failed ({_first_line(exc)})")
+                self._reporter.warn(f"--log {sink.target}: closing the tracking run failed ({first_line(exc, 300)})")
 
     # --- a failing sink is dropped, the run goes on -------------------------------------------------
     def _each(self, method: str, *args) -> None:
@@ -205,7 +205,7 @@ class Tracker:
                 getattr(sink, method)(*args)
             except Exception as exc:
                 self._started.remove(sink)
-                self._reporter.warn(f"--log {sink.target}: tracking stopped ({_first_line(exc)}); the run goes on")
+                self._reporter.warn(f"--log {sink.target}: tracking stopped ({first_line(exc, 300)}); the run goes on")
 
 
 class _TrackingReporter(Reporter):
@@ -321,13 +321,6 @@ def _is_report(p: Path) -> bool:
     return p.is_file() and p.suffix in REPORT_SUFFIXES and not p.name.startswith(".")
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message``, cut to ``limit`` characters (one line of output)."""
-    text = str(exc).strip().splitlines()
-    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-    return line if len(line) <= limit else line[:limit - 1] + "…"
-
-
 # ----------------------------------------------------------------------------- the sinks
 
 
@@ -406,7 +399,7 @@ class MlflowSink(Sink):
             self.client = MlflowClient(tracking_uri=self.uri)
         except Exception as exc:
             raise InputError(f"--log {self.target}: cannot open the tracking store {self.uri} "
-                             f"({_first_line(exc)})") from None
+                             f"({first_line(exc, 300)})") from None
         self.run_id: str | None = None
 
     def start(self, info: RunInfo) -> None:

@@ -29,7 +29,8 @@ from kdcli.export.latency import (available_providers, default_threads, make_ses
                                   measure_torch_latency)
 from kdcli.config.recipe import QUANTIZE_METHODS
 from kdcli.export.graph import simplify
-from kdcli.export.quiet import first_line, quiet, quiet_stderr_fd
+from kdcli.errors import first_line
+from kdcli.export.quiet import quiet, quiet_stderr_fd
 from kdcli.files import atomic_write_bytes
 from kdcli.prune.pruner import count_macs_params
 from kdcli.reports.export import write_reports

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import tempfile
 from pathlib import Path
 
 import onnx
 
 from kdcli.errors import ExportError
-from kdcli.export.quiet import first_line, quiet, quiet_stderr_fd
+from kdcli.errors import first_line
+from kdcli.export.quiet import quiet, quiet_stderr_fd
 from kdcli.files import atomic_write_bytes
 
 __all__ = ["INT8_OPS", "quantize_dynamic_int8"]
@@ -26,18 +26,6 @@ __all__ = ["INT8_OPS", "quantize_dynamic_int8"]
 # the operators quantize_dynamic writes in place of float ones
 INT8_OPS = ("ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention",
             "QEmbedLayerNormalization", "QGather")
-
-
-@contextlib.contextmanager
-def _quiet_logging():
-    """onnxruntime.quantization logs advice through the root logger; not the user's concern here."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path, *, metadata: dict | None = None) -> dict:
@@ -56,7 +44,7 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path, *, metadata: dict | 
     src, dst = Path(src), Path(dst)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as tmp, \
-            quiet(), _quiet_logging(), quiet_stderr_fd(), contextlib.redirect_stdout(None):
+            quiet("torch.onnx", ""), quiet_stderr_fd(), contextlib.redirect_stdout(None):
         source, pre = src, Path(tmp) / "pre.onnx"
         try:
             quant_pre_process(str(src), str(pre))

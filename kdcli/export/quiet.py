@@ -1,29 +1,30 @@
-"""Keeping exporters and quantisers quiet, and naming their failures in one line: shared by
-:mod:`kdcli.export.onnx` and :mod:`kdcli.export.quantize`."""
+"""Keeping exporters and quantisers quiet: shared by :mod:`kdcli.export.onnx` and
+:mod:`kdcli.export.quantize` (their failures are named in one line by :func:`kdcli.errors.first_line`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import re
 import sys
 import tempfile
 import warnings
 
 
 @contextlib.contextmanager
-def quiet():
-    """Silence exporter warnings and log lines (they are not the user's concern when export works)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def quiet(*loggers: str):
+    """Silence warnings and the log lines of ``loggers`` below ERROR (default ``torch.onnx``; ``""``
+    is the root logger): exporters' and quantisers' advice is not the user's concern when they work."""
+    saved = [(lg, lg.level) for lg in map(logging.getLogger, loggers or ("torch.onnx",))]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in saved:
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -45,19 +46,3 @@ def quiet_stderr_fd():
             sys.stderr.flush()
             os.dup2(fd, 2)
             os.close(fd)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def first_line(exc: BaseException) -> str:
-    """The most specific line of an exception chain: the root cause's first non-empty line."""
-    chain = [exc]
-    while chain[-1].__cause__ is not None and len(chain) < 20:
-        chain.append(chain[-1].__cause__)
-    for e in reversed(chain):
-        lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
-        if lines:
-            line = f"{type(e).__name__}: {lines[0]}"
-            return line if len(line) <= 240 else line[:237] + "..."
-    return type(exc).__name__
