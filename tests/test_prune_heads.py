@@ -145,3 +145,17 @@ def test_timm_layout_heads_prune_update_num_heads_and_replay():
     fresh.load_state_dict(model.state_dict())
     assert fresh.attn.num_heads == 2
     torch.testing.assert_close(fresh(x), out)
+
+
+def test_analyze_names_head_groups_in_heads(tmp_path):
+    from kdcli.analyze.analysis import analyze
+    from kdcli.reports.analysis import detail_tables
+    from kdcli.train.teacher import ModelInfo
+
+    model = _vit()
+    res = analyze(model, ModelInfo("vit", {"dim": DIM, "depth": 2, "heads": HEADS}, (3, 32, 32), 10), None,
+                  out_dir=tmp_path)
+    units = {g["name"]: (g["unit"], g["channels"]) for g in res["groups"]}
+    assert units["blocks.0.attn.qkv"] == ("head", HEADS) and units["blocks.0.mlp.fc1"] == ("channel", 4 * DIM)
+    rows = {r[0]: r[1] for title, _, rows in detail_tables(res) if title.startswith("prunable groups") for r in rows}
+    assert rows["blocks.1.attn.qkv"] == f"{HEADS} heads" and rows["blocks.1.mlp.fc1"] == 4 * DIM

@@ -16,7 +16,8 @@ layer pruning-sensitivity scan with suggested per-group ratios (see :mod:`kdcli.
 - ``settings``: ``ratios``, ``target_macs``, ``eval_samples``, ``critical_fraction``, ``seed``, ``clusters``;
 - ``layers``: per leaf layer ``name`` (module path), ``type``, ``output_shape`` (one sample),
   ``params``, ``macs``, ``macs_share``, ``params_share`` (of the model's totals);
-- ``groups``: per prunable group ``name`` (root module path), ``channels``, ``layers`` (``out``,
+- ``groups``: per prunable group ``name`` (root module path), ``channels`` (its units), ``unit``
+  (``channel``, or ``head`` for an attention group pruned a head at a time), ``layers`` (``out``,
   ``in``, ``in_other``, ``norm`` module paths) and ``importance``: per criterion (``magnitude``,
   ``magnitude-l1``, ``bn-scale``, ``taylor``, ``activation``) the per-channel score divided by the group's mean,
   plus ``mean_activation`` and ``apoz`` per channel (measured at the consumer's input);
@@ -284,7 +285,8 @@ def _analyze(model, info, data, *, device, settings, target_macs, out_dir, repor
     t1 = time.perf_counter()
     importance = _importances(pruner, members, batches)
     channels = pruner.group_channels()
-    groups = [{"name": g, "channels": channels[g], "layers": members[g], "importance": importance[g]} for g in names]
+    groups = [{"name": g, "channels": channels[g], "unit": pruner.unit(g), "layers": members[g],
+               "importance": importance[g]} for g in names]
     notes = [n for n in pruner.notes if not n.startswith("bn-scale:")]  # shown only where a BatchNorm is
     without_bn = sum(1 for g in names if not members[g]["norm"])
     if without_bn:

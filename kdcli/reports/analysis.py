@@ -143,7 +143,8 @@ def detail_tables(result: dict) -> list[tuple[str, list[str], list[list]]]:
     for g in result["groups"]:
         imp = g["importance"]
         apoz = imp.get("apoz")
-        row = [g["name"], g["channels"], ", ".join(g["layers"]["in"]) or "–",
+        width = g["channels"] if g.get("unit", "channel") == "channel" else f"{g['channels']} {g['unit']}s"
+        row = [g["name"], width, ", ".join(g["layers"]["in"]) or "–",
                "–" if not apoz else f"{100 * sum(apoz) / len(apoz):.1f}%"]
         row += [pct(p["accuracy"]) for p in curves.get(g["name"], [])]
         rows.append(row + ([f"{suggested.get(g['name'], 0):g}"] if curves else []))

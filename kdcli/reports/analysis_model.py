@@ -85,7 +85,9 @@ class Group(Strict):
     """One prunable group."""
 
     name: str = Field(description="root module path")
-    channels: int
+    channels: int = Field(description="the group's units: channels, or heads where unit is head")
+    unit: Literal["channel", "head"] = Field("channel", description=(
+        "what the group prunes one at a time: channels, or whole attention heads (a qkv group)"))
     layers: GroupLayers
     importance: dict[ChannelFigure, list[float]] = Field(description=(
         "per criterion, each channel's score divided by the group's mean; mean_activation and apoz per "
