@@ -202,6 +202,7 @@ target: {{macs: 0.6, max_accuracy_drop: 1.0}}
 
 @pytest.mark.parametrize("extra, message", [
     ("  workers: -1", r"data\.workers: expected auto or a number of worker processes in \[0, 256\] \(got -1\)"),
+    ("  workers: '999'", r"data\.workers: expected auto or a number of worker processes in \[0, 256\] \(got 999\)"),
     ("  loading: foo", r"data\.loading: Input should be 'auto', 'memory' or 'stream' \(got 'foo'\)"),
 ])
 def test_config_errors_name_the_field(tmp_path, extra, message):

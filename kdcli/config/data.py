@@ -228,8 +228,10 @@ class DataSpec(_Strict):
     @field_validator("workers", mode="before")
     @classmethod
     def _workers(cls, v):
-        if v == "auto" or (isinstance(v, str) and v.strip().isdigit()):  # --set data.workers=2 gives a string
-            return v if v == "auto" else int(v)
+        if v == "auto":
+            return v
+        if isinstance(v, str) and v.strip().isdigit():  # --set data.workers=2 gives a string
+            v = int(v)
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_WORKERS:
             raise ValueError(f"expected auto or a number of worker processes in [0, {MAX_WORKERS}] (got {v!r})")
         return v

@@ -35,6 +35,7 @@ from kdcli.data.adapt import adapt_sample, adapted_shape
 from kdcli.data.sources import (check_image_shape, decode_image, image_files, image_folder_layout, shard_labels,
                                 shard_layout)
 from kdcli.errors import DataError
+from kdcli.export.latency import default_threads
 
 RAM_SHARE = 0.25      # auto streams a set whose decoded size is over this share of the available memory
 PREFETCH = 2          # batches each worker prepares ahead (DataLoader's prefetch_factor)
@@ -61,11 +62,7 @@ def available_memory() -> int | None:
 
 def default_workers() -> int:
     """``data.workers: auto``: min(4, the CPU cores this process may run on)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, default_threads()))
 
 
 def resolve_workers(workers) -> int:

@@ -22,7 +22,8 @@ MAX_RUNS = 5000
 
 
 def default_threads() -> int:
-    """CPU cores this process may use (its affinity mask), the intra-op thread count we pin."""
+    """CPU cores this process may use (its affinity mask): the intra-op thread count we pin, and what
+    ``data.workers: auto`` is capped by."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
