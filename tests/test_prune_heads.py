@@ -159,3 +159,21 @@ def test_analyze_names_head_groups_in_heads(tmp_path):
     assert units["blocks.0.attn.qkv"] == ("head", HEADS) and units["blocks.0.mlp.fc1"] == ("channel", 4 * DIM)
     rows = {r[0]: r[1] for title, _, rows in detail_tables(res) if title.startswith("prunable groups") for r in rows}
     assert rows["blocks.1.attn.qkv"] == f"{HEADS} heads" and rows["blocks.1.mlp.fc1"] == 4 * DIM
+
+
+def test_sensitivity_allocation_takes_the_head_the_output_does_not_read():
+    """prune.allocation: sensitivity on a ViT: a head whose projection columns are near zero
+    costs nothing to remove, so the plan takes it before anything the output reads."""
+    from kdcli.dkdp.compress import _sensitivity_plan
+
+    model = _vit()
+    with torch.no_grad():
+        model.blocks[1].attn.proj.weight[:, 3 * HD:] *= 1e-4  # block 1's head 3 hardly reaches the stream
+    p = StructuredPruner(model, EX, round_to=8)
+    total = count_macs_params(model, EX)[0]
+    scores = p.score()
+    batches = [(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.zeros(16, dtype=torch.long))]
+    _, plan = _sensitivity_plan(p, scores, model, batches, 0.97 * total, [0.25, 0.5, 0.75])
+    assert p.plan_macs(plan) <= 0.97 * total
+    assert plan.get("blocks.1.attn.qkv") == [3], plan
+    assert count_macs_params(model, EX)[0] == total
