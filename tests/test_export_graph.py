@@ -64,7 +64,7 @@ def test_conv_batchnorm_folds_by_the_formula_and_identity_goes(bias):
     proto, stats = simplify(proto)
     onnx.checker.check_model(proto, full_check=True)
     assert [n.op_type for n in proto.graph.node] == ["Conv", "Relu"]
-    assert stats == {"nodes_before": 5, "nodes": 2, "batchnorm_folded": 1, "identity_removed": 2,
+    assert stats == {"nodes_before": 5, "nodes": 2, "batchnorm_folded": 1, "identity_removed": 2, "gelu_reordered": 0,
                      "initializers_removed": 4, "notes": []}
     conv = proto.graph.node[0]
     assert conv.input[0] == "input" and proto.graph.node[1].output[0] == "logits"  # rewired both ways
@@ -81,7 +81,7 @@ def test_nothing_to_fold_and_unfoldable_batchnorm_is_left():
     # a folded graph (no BatchNorm) is left as it is
     proto, stats = simplify(_conv_bn_graph(bias=True))
     again, stats2 = simplify(proto)
-    assert stats2 == {"nodes_before": 2, "nodes": 2, "batchnorm_folded": 0, "identity_removed": 0,
+    assert stats2 == {"nodes_before": 2, "nodes": 2, "batchnorm_folded": 0, "identity_removed": 0, "gelu_reordered": 0,
                       "initializers_removed": 0, "notes": []}
     # the Conv output read by another node too: folding would change that node's input
     proto = _conv_bn_graph(bias=False, identity=False)
@@ -264,3 +264,72 @@ def test_api_takes_threads_and_quantize(tmp_path):
     assert report.latency.onnxruntime["CPUExecutionProvider"]["student_int8"]["1"].threads == 1
     with pytest.raises(InputError, match=r"^quantize: expected 'none' or 'dynamic', got 'yes'"):
         kdcli.export(net, input_shape=(1, 8, 8), num_classes=10, out=tmp_path, quantize="yes")
+
+
+# ----------------------------------------------------------------------------- GELU order
+
+def _gelu_graph(half: float = 0.5, const_node: bool = False) -> onnx.ModelProto:
+    """input -> MatMul(W) + b -> x · (half · (1 + erf(x / √2))) -> output, torch.export's order."""
+    w = RNG.standard_normal((6, 8)).astype(np.float32)
+    b = RNG.standard_normal(8).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b"),
+             numpy_helper.from_array(np.array(2 ** 0.5, np.float32), "sqrt2"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    nodes = [helper.make_node("MatMul", ["input", "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["x"]),
+             helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"])]
+    if const_node:  # the TorchScript exporter's constants are Constant nodes
+        nodes.append(helper.make_node("Constant", [], ["half"], value=numpy_helper.from_array(np.array(half, np.float32))))
+    else:
+        inits.append(numpy_helper.from_array(np.array(half, np.float32), "half"))
+    nodes += [helper.make_node("Mul", ["half", "a"], ["h"]), helper.make_node("Mul", ["x", "h"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _fused_ops(proto: onnx.ModelProto, tmp_path) -> Counter:
+    """The op types of the graph onnxruntime runs after its own optimisations."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node)
+
+
+@pytest.mark.parametrize("const_node", [False, True], ids=["initializer", "constant-node"])
+def test_gelu_is_put_in_the_order_onnxruntime_fuses(const_node, tmp_path):
+    proto = _gelu_graph(const_node=const_node)
+    x = RNG.standard_normal((5, 6)).astype(np.float32)
+    before = _run(proto, x)
+    assert not {"Gelu", "BiasGelu"} & set(_fused_ops(proto, tmp_path))  # torch.export's order: not fused
+    out, stats = simplify(proto)
+    assert stats["gelu_reordered"] == 1
+    onnx.checker.check_model(out)
+    mm = np.asarray(x) @ numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "W"))
+    xb = mm + numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "b"))
+    import math
+    ref = xb * 0.5 * (1 + np.vectorize(math.erf)(xb / math.sqrt(2)))  # GELU by its formula
+    np.testing.assert_allclose(_run(out, x), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(out, x), before, rtol=1e-6, atol=1e-7)
+    assert {"Gelu", "BiasGelu"} & set(_fused_ops(out, tmp_path))
+
+
+def test_a_gelu_lookalike_is_left_alone():
+    proto = _gelu_graph(half=0.25)  # x · 0.25 · (1 + erf(x / √2)) is not GELU
+    _, stats = simplify(proto)
+    assert stats["gelu_reordered"] == 0
+    assert [n.input[:] for n in proto.graph.node if n.op_type == "Mul"] == [["half", "a"], ["x", "h"]]
+
+
+def test_vit_through_the_default_exporter_runs_fused_gelu(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("vit", {"dim": 32, "depth": 2, "heads": 2}, input_shape=(3, 32, 32), num_classes=10).eval()
+    res = export_onnx(model, torch.randn(2, 3, 32, 32), tmp_path / "vit.onnx")
+    assert res["exporter"] == "torch.export" and res["graph"]["gelu_reordered"] == 2  # one per block
+    proto = onnx.load(str(tmp_path / "vit.onnx"))
+    fused = _fused_ops(proto, tmp_path)
+    assert fused["Gelu"] + fused["BiasGelu"] == 2 and fused["Erf"] == 0, fused
+    ver = verify_onnx(tmp_path / "vit.onnx", model, torch.randn(4, 3, 32, 32))
+    assert ver["max_abs_diff"] <= 1e-4 and ver["top1_agreement"] == 1.0

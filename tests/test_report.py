@@ -95,7 +95,7 @@ def test_report_json_has_schema_uri_and_the_same_fields_as_before(exported):
     assert set(raw["student"]) == {"name", "file", "size_bytes", "exporter", "opset", "external_data",
                                    "export_notes", "params", "macs", "verification", "graph"}
     assert set(raw["student"]["graph"]) == {"nodes_before", "nodes", "batchnorm_folded", "identity_removed",
-                                            "initializers_removed"}
+                                            "gelu_reordered", "initializers_removed"}
     assert set(raw["student"]["verification"]) == {"max_abs_diff", "top1_agreement", "top1_ties", "samples",
                                                    "inputs", "atol"}
     assert set(raw["latency"]["onnxruntime"]["CPUExecutionProvider"]["student"]["1"]) == {

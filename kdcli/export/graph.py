@@ -8,6 +8,11 @@ smaller graph loads faster everywhere. So the file itself carries the folded gra
   per output channel ``f = γ / √(var + ε)``, ``W' = W·f``, ``b' = (b − mean)·f + β`` (a bias is
   created when the Conv has none);
 * ``Identity`` nodes removed, their consumers (and graph outputs) rewired;
+* GELU in the order onnxruntime fuses: torch.export writes the exact GELU as
+  ``x · (0.5 · (1 + erf(x / √2)))``, which onnxruntime's Gelu fusion does not recognise (its
+  ``BiasGelu``/``Gelu`` kernels then stay unused and a ViT runs the five elementwise ops instead);
+  the two products are swapped to ``(x · (1 + erf(x / √2))) · 0.5``, the TorchScript exporter's
+  order, which it fuses. Exact: a product with 0.5 only changes the exponent;
 * initializers no longer used dropped.
 
 Weights held as external data that is not loaded in memory are left alone (nothing is folded
@@ -28,20 +33,23 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def simplify(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """Fold Conv+BatchNormalization, remove Identity nodes and unused initializers, in place.
+    """Fold Conv+BatchNormalization, remove Identity nodes, put GELU in the order onnxruntime
+    fuses and drop unused initializers, in place.
 
     Returns ``(proto, stats)``; ``stats`` = ``{"nodes_before", "nodes", "batchnorm_folded",
-    "identity_removed", "initializers_removed", "notes"}`` (``notes``: why a BatchNormalization
+    "identity_removed", "gelu_reordered", "initializers_removed", "notes"}`` (``notes``: why a BatchNormalization
     was left, e.g. weights in external data)."""
     graph = proto.graph
     before = len(graph.node)
     notes: list[str] = []
     folded = _fold_batchnorm(graph, notes)
     removed = _remove_identity(graph)
+    gelu = _reorder_gelu(graph)
     dropped = _drop_unused_initializers(graph)
     _drop_stale_value_info(graph)
     return proto, {"nodes_before": before, "nodes": len(graph.node), "batchnorm_folded": folded,
-                   "identity_removed": removed, "initializers_removed": dropped, "notes": notes}
+                   "identity_removed": removed, "gelu_reordered": gelu, "initializers_removed": dropped,
+                   "notes": notes}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -202,6 +210,66 @@ def _remove_identity(graph: onnx.GraphProto) -> int:
         _rename_uses(graph, src, dst)
         removed += 1
     return removed
+
+
+# ------------------------------------------------------------------------------------- GELU
+
+def _scalar(graph: onnx.GraphProto, inits: dict, producer: dict, name: str) -> float | None:
+    """The value of ``name`` when it is a one-element constant (initializer or Constant node)."""
+    t = inits.get(name)
+    if t is None:
+        node = producer.get(name)
+        if node is None or node.op_type != "Constant" or node.domain not in _DEFAULT_DOMAINS:
+            return None
+        t = _attr(node, "value", None)
+        if t is None:
+            return None
+    if not _in_memory(t):
+        return None
+    v = numpy_helper.to_array(t)
+    return float(v.reshape(-1)[0]) if v.size == 1 else None
+
+
+def _reorder_gelu(graph: onnx.GraphProto) -> int:
+    """``x · (0.5 · (1 + erf(x / √2)))`` → ``(x · (1 + erf(x / √2))) · 0.5`` (see the module doc);
+    returns how many were rewritten. Only a chain whose intermediate results have no other reader."""
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output if o}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+
+    def only_reader(name: str, op: str):
+        r = readers.get(name, [])
+        ok = len(r) == 1 and r[0].op_type == op and r[0].domain in _DEFAULT_DOMAINS and name not in outputs
+        return r[0] if ok else None
+
+    def other(node, name: str) -> str:
+        return node.input[1] if node.input[0] == name else node.input[0]
+
+    done = 0
+    for erf in [n for n in graph.node if n.op_type == "Erf" and n.domain in _DEFAULT_DOMAINS]:
+        div = producer.get(erf.input[0])
+        if div is None or div.op_type != "Div" or div.domain not in _DEFAULT_DOMAINS or len(div.input) != 2:
+            continue
+        root2 = _scalar(graph, inits, producer, div.input[1])
+        if root2 is None or abs(root2 - 2 ** 0.5) > 1e-5 or erf.output[0] in outputs:
+            continue
+        x = div.input[0]
+        add = only_reader(erf.output[0], "Add")
+        half = add and only_reader(add.output[0], "Mul")
+        if half is None or _scalar(graph, inits, producer, other(add, erf.output[0])) != 1.0:
+            continue
+        c = other(half, add.output[0])
+        last = only_reader(half.output[0], "Mul")
+        if last is None or _scalar(graph, inits, producer, c) != 0.5 or other(last, half.output[0]) != x:
+            continue
+        half.input[:] = [x, add.output[0]]   # x · (1 + erf)
+        last.input[:] = [half.output[0], c]  # · 0.5
+        done += 1
+    return done
 
 
 # ------------------------------------------------------------------------------------- clean-up

@@ -101,8 +101,8 @@ def _graph(m) -> str:
     g = m.graph
     if g is None:
         return DASH
-    done = [f"{n} {what}" for n, what in ((g.batchnorm_folded, "BatchNorm folded"), (g.identity_removed, "Identity removed"))
-            if n]
+    done = [f"{n} {what}" for n, what in ((g.batchnorm_folded, "BatchNorm folded"), (g.identity_removed, "Identity removed"),
+                                          (g.gelu_reordered, "GELU put in fusable order")) if n]
     return f"{g.nodes} nodes" + (f" ({', '.join(done)})" if done else "")
 
 

@@ -80,6 +80,9 @@ class GraphStats(_Strict):
     nodes: int = Field(description="nodes in the saved file")
     batchnorm_folded: int = Field(description="BatchNormalization nodes folded into the Conv before them")
     identity_removed: int = Field(description="Identity nodes removed")
+    gelu_reordered: int = Field(0, description=(
+        "GELUs rewritten to the operand order onnxruntime fuses into one Gelu kernel (torch.export's "
+        "order is not fused)"))
     initializers_removed: int = Field(0, description="initializers no longer used, dropped")
 
 
