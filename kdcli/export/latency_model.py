@@ -35,7 +35,6 @@ import heapq
 import json
 import math
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 
 from kdcli import distributed
-from kdcli.export.latency import default_threads, make_session, measure_latency
+from kdcli.export.latency import alternate, default_threads, make_session, measure_latency
 from kdcli.files import atomic_write_json
 from kdcli.models.utils import is_main_process
 
@@ -199,14 +198,8 @@ def time_layer(sig: LayerSig, *, threads: int, provider: str = PROVIDER, time_bu
     shape = [sig.batch, sig.cin, *sig.hw] if sig.op == "conv" else \
         ([sig.batch, sig.cin] if sig.hw[0] == 1 else [sig.batch, sig.hw[0], sig.cin])
     feed = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
-    for _ in range(2):
-        sess.run(None, feed)
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < time_budget_s):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
+    times = alternate({"layer": lambda: sess.run(None, feed)}, time_budget_s=time_budget_s, warmup=2,
+                      min_runs=min_runs, max_runs=max_runs)["layer"]
     return float(min(times) * 1e3)
 
 
