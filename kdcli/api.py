@@ -48,7 +48,7 @@ import yaml
 from torch import nn
 
 from kdcli.analyze.analysis import analyze as run_analyze
-from kdcli.config.recipe import QUANTIZE_METHODS, Recipe, builtin_recipe_path, load_recipe, parse_recipe
+from kdcli.config.recipe import QUANTIZE_METHODS, ExportSpec, Recipe, builtin_recipe_path, load_recipe, parse_recipe
 from kdcli.console import Reporter
 from kdcli.data.loader import DataBundle
 from kdcli.dkdp.compress import compress as run_compress
@@ -237,22 +237,15 @@ def export(student: "PathLike | nn.Module", *, teacher: "PathLike | nn.Module | 
     x_eval = y_eval = None
     if data is not None:
         x_eval, y_eval = data.eval_tensors("test" if data.test is not None else "val", torch.device("cpu"))
-    exp = rec.export if rec is not None else None
-    bs = list(batch_sizes) if batch_sizes else (list(exp.batch_sizes) if exp else [1, 64])
-    gates = list(fail_if) or (list(exp.fail_if) if exp else [])
-    budget = latency_budget_s if latency_budget_s is not None else (exp.latency_budget_s if exp else 2.0)
-    parse_gates(gates, base, base_source)  # a gate naming baseline. needs a baseline
-    if threads is None and exp is not None:
-        threads = exp.threads
-    if quantize is None:
-        quantize = exp.quantize if exp else "none"
+    settings = (rec.export if rec is not None else ExportSpec()).settings(
+        batch_sizes=batch_sizes, fail_if=fail_if, latency_budget_s=latency_budget_s, threads=threads,
+        quantize=quantize, opset=opset)
+    parse_gates(settings["gates"], base, base_source)  # a gate naming baseline. needs a baseline
     return export_report(s_model.cpu().eval(), export_info(s_info, data), out,
                          teacher=None if t_model is None else t_model.cpu().eval(),
                          teacher_info=None if t_info is None else export_info(t_info, data),
-                         x_eval=x_eval, y_eval=y_eval, batch_sizes=tuple(bs),
-                         opset=opset or (exp.opset if exp else 18), gates=gates, time_budget_s=budget,
-                         reporter=Reporter(quiet=not verbose), baseline=base, baseline_source=base_source,
-                         threads=threads, quantize=quantize)
+                         x_eval=x_eval, y_eval=y_eval, reporter=Reporter(quiet=not verbose), baseline=base,
+                         baseline_source=base_source, **settings)
 
 
 # ----------------------------------------------------------------------------- shared with the CLI

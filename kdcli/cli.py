@@ -333,7 +333,7 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     import torch
 
     from kdcli.export.onnx import export_report
-    from kdcli.config.recipe import QUANTIZE_METHODS, load_recipe
+    from kdcli.config.recipe import QUANTIZE_METHODS, ExportSpec, load_recipe
     from kdcli.models.file import export_info
 
     from kdcli.files import check_writable_dir
@@ -349,12 +349,13 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
         check_writable_dir(junit.parent, "--junit")
     base = load_baseline(baseline) if baseline is not None else None  # before any long work
     base_source = str(baseline) if baseline is not None else "report"
-    exp = rec.export if rec is not None else None
-    gates = list(fail_if or []) or (list(exp.fail_if) if exp else [])
+    settings = (rec.export if rec is not None else ExportSpec()).settings(
+        batch_sizes=split_ints(batch_sizes, "--batch-sizes") if batch_sizes else None, fail_if=fail_if,
+        threads=threads, quantize=quantize, opset=opset)
+    gates = settings["gates"]
     parse_gates(gates, base, base_source)  # a gate naming baseline. needs --baseline
-    threads = threads if threads is not None else (exp.threads if exp else None)
-    if threads:
-        torch.set_num_threads(threads)  # loading and evaluation too, as --threads does in the other commands
+    if settings["threads"]:  # loading and evaluation too, as --threads does in the other commands
+        torch.set_num_threads(settings["threads"])
     rep = _reporter()
     data = None
     if rec is not None:
@@ -372,16 +373,12 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
         split = "test" if data.test is not None else "val"
         x_eval, y_eval = data.eval_tensors(split, torch.device("cpu"))
         rep.info(f"accuracy judged on {data.splits.get(split, split)}; normalisation: {data.normalization()}")
-    bs = split_ints(batch_sizes, "--batch-sizes") if batch_sizes else (list(exp.batch_sizes) if exp else [1, 64])
     started = time.perf_counter()
     report = export_report(s_model.cpu().eval(), export_info(s_info, data), out,
                            teacher=None if t_model is None else t_model.cpu().eval(),
                            teacher_info=None if t_info is None else export_info(t_info, data),
-                           x_eval=x_eval, y_eval=y_eval, batch_sizes=tuple(bs),
-                           opset=opset or (exp.opset if exp else 18), gates=gates,
-                           time_budget_s=exp.latency_budget_s if exp else 2.0, reporter=rep,
-                           baseline=base, baseline_source=base_source, threads=threads,
-                           quantize=quantize or (exp.quantize if exp else "none"))
+                           x_eval=x_eval, y_eval=y_eval, reporter=rep, baseline=base, baseline_source=base_source,
+                           **settings)
     seconds = time.perf_counter() - started
     failures = report.gates.failures  # the reports are written either way: show them, then exit 3
     results = evaluate_gates(report, gates, base, base_source)  # each gate's verdict, passed ones too

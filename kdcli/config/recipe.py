@@ -248,6 +248,15 @@ class ExportSpec(Strict):
             raise ValueError(f"batch sizes must be a non-empty list of integers in [1, 65536] (got {_short(v)})")
         return v
 
+    def settings(self, *, batch_sizes=None, fail_if=None, latency_budget_s=None, threads=None, quantize=None,
+                 opset=None) -> dict:
+        """The export's settings as :func:`kdcli.export.onnx.export_report` takes them: each one
+        given (a flag, an argument) wins over this section's, which holds the defaults."""
+        return {"batch_sizes": tuple(batch_sizes or self.batch_sizes), "gates": list(fail_if or self.fail_if),
+                "time_budget_s": self.latency_budget_s if latency_budget_s is None else latency_budget_s,
+                "threads": self.threads if threads is None else threads, "quantize": quantize or self.quantize,
+                "opset": opset or self.opset}
+
 
 class AnalyzeSpec(Strict):
     ratios: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])

@@ -536,10 +536,8 @@ def _export(ctx: Context, student: nn.Module, sinfo: ModelInfo) -> tuple[dict, l
     report = export_report(
         student.cpu(), export_info(sinfo, data), ctx.rd.path / "export", teacher=ctx.teacher.cpu(),
         teacher_info=export_info(ctx.tinfo, data), x_eval=x_eval, y_eval=y_eval,
-        batch_sizes=tuple(dict.fromkeys([*recipe.export.batch_sizes]
-                                        + ([ctx.target.batch_size] if ctx.target.asks_speed else []))),
-        opset=recipe.export.opset, threads=recipe.export.threads, quantize=recipe.export.quantize,
-        gates=recipe.export.fail_if, time_budget_s=recipe.export.latency_budget_s, reporter=ctx.reporter)
+        reporter=ctx.reporter, **recipe.export.settings(batch_sizes=tuple(dict.fromkeys(
+            [*recipe.export.batch_sizes] + ([ctx.target.batch_size] if ctx.target.asks_speed else [])))))
     # the export report is written either way; its failed gates join the verdict
     return report.to_json(), list(report.gates.failures)
 

@@ -214,7 +214,7 @@ def _remove_identity(graph: onnx.GraphProto) -> int:
 
 # ------------------------------------------------------------------------------------- GELU
 
-def _scalar(graph: onnx.GraphProto, inits: dict, producer: dict, name: str) -> float | None:
+def _scalar(inits: dict, producer: dict, name: str) -> float | None:
     """The value of ``name`` when it is a one-element constant (initializer or Constant node)."""
     t = inits.get(name)
     if t is None:
@@ -235,16 +235,13 @@ def _reorder_gelu(graph: onnx.GraphProto) -> int:
     returns how many were rewritten. Only a chain whose intermediate results have no other reader."""
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output if o}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    outputs = {o.name for o in graph.output}
+    reader = {i: n for n in graph.node for i in n.input if i}
+    uses = _uses(graph)  # subgraph reads and graph outputs count too
 
     def only_reader(name: str, op: str):
-        r = readers.get(name, [])
-        ok = len(r) == 1 and r[0].op_type == op and r[0].domain in _DEFAULT_DOMAINS and name not in outputs
-        return r[0] if ok else None
+        r = reader.get(name)
+        ok = uses[name] == 1 and r is not None and r.op_type == op and r.domain in _DEFAULT_DOMAINS
+        return r if ok else None
 
     def other(node, name: str) -> str:
         return node.input[1] if node.input[0] == name else node.input[0]
@@ -254,17 +251,17 @@ def _reorder_gelu(graph: onnx.GraphProto) -> int:
         div = producer.get(erf.input[0])
         if div is None or div.op_type != "Div" or div.domain not in _DEFAULT_DOMAINS or len(div.input) != 2:
             continue
-        root2 = _scalar(graph, inits, producer, div.input[1])
-        if root2 is None or abs(root2 - 2 ** 0.5) > 1e-5 or erf.output[0] in outputs:
+        root2 = _scalar(inits, producer, div.input[1])
+        if root2 is None or abs(root2 - 2 ** 0.5) > 1e-5:
             continue
         x = div.input[0]
         add = only_reader(erf.output[0], "Add")
         half = add and only_reader(add.output[0], "Mul")
-        if half is None or _scalar(graph, inits, producer, other(add, erf.output[0])) != 1.0:
+        if half is None or _scalar(inits, producer, other(add, erf.output[0])) != 1.0:
             continue
         c = other(half, add.output[0])
         last = only_reader(half.output[0], "Mul")
-        if last is None or _scalar(graph, inits, producer, c) != 0.5 or other(last, half.output[0]) != x:
+        if last is None or _scalar(inits, producer, c) != 0.5 or other(last, half.output[0]) != x:
             continue
         half.input[:] = [x, add.output[0]]   # x · (1 + erf)
         last.input[:] = [half.output[0], c]  # · 0.5

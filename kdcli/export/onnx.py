@@ -24,12 +24,11 @@ import torch.nn as nn
 
 import kdcli
 from kdcli.console import Reporter
-from kdcli.errors import ExportError, InputError
+from kdcli.errors import ExportError, InputError, first_line
 from kdcli.export.latency import (available_providers, default_threads, make_session, measure_latency,
                                   measure_torch_latency)
 from kdcli.config.recipe import QUANTIZE_METHODS
 from kdcli.export.graph import simplify
-from kdcli.errors import first_line
 from kdcli.export.quiet import quiet, quiet_stderr_fd
 from kdcli.files import atomic_write_bytes
 from kdcli.prune.pruner import count_macs_params

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from kdcli.errors import ExportError
-from kdcli.errors import first_line
+from kdcli.errors import ExportError, first_line
 from kdcli.export.quiet import quiet, quiet_stderr_fd
 from kdcli.files import atomic_write_bytes
 

@@ -24,26 +24,27 @@ from __future__ import annotations
 from torch import nn
 
 
+def _head_dim(qkv, n) -> int | None:
+    """``qkv``'s head size for ``n`` heads, or None when they do not describe an attention block."""
+    if isinstance(qkv, nn.Linear) and isinstance(n, int) and not isinstance(n, bool) and n > 0 \
+            and qkv.out_features % (3 * n) == 0:
+        return qkv.out_features // (3 * n)
+    return None
+
+
 def attention_heads(model: nn.Module) -> dict[nn.Linear, int]:
     """``{qkv Linear: head_dim}`` of every attention block of ``model`` (see the module doc)."""
-    found: dict[nn.Linear, int] = {}
     declared = getattr(model, "attention_heads", None)
     if callable(declared):
         try:
-            counts = dict(declared())
+            pairs = list(dict(declared()).items())
         except Exception:  # noqa: BLE001 - a model's own method; without it, look for timm's layout
-            counts = {}
-        for qkv, n in counts.items():
-            if isinstance(qkv, nn.Linear) and isinstance(n, int) and n > 0 and qkv.out_features % (3 * n) == 0:
-                found[qkv] = qkv.out_features // (3 * n)
+            pairs = []
+        found = {qkv: hd for qkv, n in pairs if (hd := _head_dim(qkv, n))}
         if found:
             return found
-    for m in model.modules():
-        qkv, n = getattr(m, "qkv", None), getattr(m, "num_heads", None)
-        if isinstance(qkv, nn.Linear) and isinstance(n, int) and not isinstance(n, bool) and n > 0 \
-                and qkv.out_features % (3 * n) == 0:
-            found[qkv] = qkv.out_features // (3 * n)
-    return found
+    pairs = [(getattr(m, "qkv", None), getattr(m, "num_heads", None)) for m in model.modules()]
+    return {qkv: hd for qkv, n in pairs if (hd := _head_dim(qkv, n))}
 
 
 def head_units(chans: list[int], qkv: nn.Linear, head_dim: int) -> list[list[int]]:
@@ -59,6 +60,8 @@ def head_units(chans: list[int], qkv: nn.Linear, head_dim: int) -> list[list[int
 def sync_head_counts(model: nn.Module, heads: dict[nn.Linear, int]) -> None:
     """Set a plain ``num_heads`` attribute to what its ``qkv`` now holds (``out / (3 head_dim)``),
     for every attention block of ``heads`` (from :func:`attention_heads` before pruning)."""
+    if not heads:  # called after every pruning, trials included: nothing to do for most models
+        return
     for m in model.modules():
         qkv = getattr(m, "qkv", None)
         if qkv in heads and isinstance(m.__dict__.get("num_heads"), int):
