@@ -11,7 +11,7 @@ from kdcli.errors import InputError
 from kdcli.analyze.granularity import GranularityMap, LayerGranularity
 from kdcli.config.losses import AB, AT, CE, DKD, FSP, KD, VID, Hint
 from kdcli.models import build_model
-from kdcli.distill.taps import FeatureTaps, auto_layers
+from kdcli.distill.taps import FeatureTaps, auto_layers, block_layers, trace_modules
 
 
 
@@ -46,6 +46,22 @@ def test_auto_layers_rule_on_zoo():
     plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU(),
                           nn.Flatten(), nn.Linear(4 * 11 * 11, 10))
     assert auto_layers(plain, x28) == ["1", "4"]
+
+
+def test_auto_blocks_opens_each_stage_into_its_blocks():
+    x32, x28 = torch.zeros(2, 3, 32, 32), torch.zeros(2, 1, 28, 28)
+    resnet = build_model("resnet20", {}, input_shape=(3, 32, 32), num_classes=10)
+    assert block_layers(resnet, *trace_modules(resnet, x32)) == [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
+    # plain layers stand for themselves
+    mlp = build_model("mlp", {"hidden": [20, 20], "dropout": 0.1}, input_shape=(1, 28, 28), num_classes=10)
+    assert block_layers(mlp, *trace_modules(mlp, x28)) == ["features.2", "features.5"]
+    # a recipe's "auto-blocks" taps the same layers, in both models, and hints them block by block
+    t, s = build_model("resnet20", {}, input_shape=(3, 32, 32), num_classes=10), \
+        build_model("resnet20", {"width": 8}, input_shape=(3, 32, 32), num_classes=10)
+    d = Distiller(t, s, [KD(), Hint(teacher_layers="auto-blocks", student_layers="auto-blocks")], x32)
+    hint = d.terms[1]
+    assert hint.teacher_layers == hint.student_layers == [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
+    assert len(hint.regressors) == 9 and hint.regressors[0].in_channels == 8 and hint.regressors[0].out_channels == 16
 
 
 def test_unknown_layer_is_input_error_naming_field():

@@ -81,13 +81,18 @@ def test_regressor_maps_student_shape_to_teacher_shape(s_shape, t_shape, kind):
         assert reg.kernel_size == (3, 3) and reg.stride == (1, 1)
 
 
-def test_hint_zero_with_identity_regressor():
-    reg = make_regressor(torch.Size((4, 5, 5)), torch.Size((4, 5, 5)))
-    with torch.no_grad():
-        reg.weight.copy_(torch.eye(4)[:, :, None, None])
-        reg.bias.zero_()
+def test_same_width_regressor_starts_as_identity():
+    # a student layer of the teacher's width: the hint starts at the student's own error (0 for
+    # equal features), not at a random projection's
     f = torch.randn(3, 4, 5, 5)
+    reg = make_regressor(torch.Size((4, 5, 5)), torch.Size((4, 5, 5)))
     assert hint_loss(reg(f), f).item() == pytest.approx(0.0, abs=1e-10)
+    v = torch.randn(3, 6)
+    lin = make_regressor(torch.Size((6,)), torch.Size((6,)))
+    assert torch.equal(lin(v), v)
+    # other widths keep a random start
+    wide = make_regressor(torch.Size((4, 5, 5)), torch.Size((8, 5, 5)))
+    assert hint_loss(wide(f), f.repeat(1, 2, 1, 1)).item() > 0.01
 
 
 def test_hint_loss_weighted_and_critical_by_hand():

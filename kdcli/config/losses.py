@@ -3,8 +3,10 @@
 Each entry of ``distill.losses`` is one weighted term of the distillation objective, picked by
 ``kind``. The total loss is ``Σ weight_k · term_k``. Logit terms (kd, ce, dkd) need no layers;
 feature terms (hint, at, fsp, ab, vid) name teacher and student layers by module path
-(``model.get_submodule`` paths such as ``layer2`` or ``features.3``) or ``auto`` (the output of
-each top-level stage, see :func:`kdcli.distill.taps.auto_layers`); a single path may be given as a string::
+(``model.get_submodule`` paths such as ``layer2`` or ``features.3``), ``auto`` (the output of
+each top-level stage, see :func:`kdcli.distill.taps.auto_layers`) or ``auto-blocks`` (the output
+of every block inside those stages, :func:`kdcli.distill.taps.block_layers`); a single path may
+be given as a string::
 
     distill:
       losses:
@@ -29,7 +31,7 @@ from typing import Annotated, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-LayerSelection = Union[Literal["auto"], list[str]]
+LayerSelection = Union[Literal["auto", "auto-blocks"], list[str]]
 
 # Every loss kind a recipe may name, in the order of definition: the ``@_kind`` decorator below
 # adds a spec class here, and ``LossSpec`` (the tagged union), ``FEATURE_KINDS`` and the error
@@ -58,13 +60,13 @@ class _FeatureTerm(_Term):
     @classmethod
     def _one_path(cls, v):
         # ``student_layers: layer3`` means the one layer ``[layer3]``.
-        return [v] if isinstance(v, str) and v != "auto" else v
+        return [v] if isinstance(v, str) and v not in ("auto", "auto-blocks") else v
 
     @field_validator("teacher_layers", "student_layers")
     @classmethod
     def _non_empty(cls, v):
         if isinstance(v, list) and (not v or any(not isinstance(s, str) or not s.strip() for s in v)):
-            raise ValueError("expected 'auto' or a non-empty list of module paths")
+            raise ValueError("expected 'auto', 'auto-blocks' or a non-empty list of module paths")
         return v
 
 

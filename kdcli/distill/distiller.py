@@ -4,7 +4,7 @@
     loss, logits, parts = distiller(x, y, idx)      # the step objective of kdcli.train.loop.fit
 
 On construction the teacher is frozen (no gradients, eval mode for good), the layers of every
-feature term are resolved (paths or ``auto``, see :func:`kdcli.distill.taps.auto_layers`), one forward
+feature term are resolved (paths, ``auto`` or ``auto-blocks``, see :func:`kdcli.distill.taps.auto_layers`), one forward
 pass of each network on ``example`` records the feature shapes, and the adapters (regressors,
 connectors, VID's μ/σ², learned λ) are built from them. Adapters live in the Distiller, not in
 the student, whose ``state_dict`` stays exactly the model's.
@@ -22,7 +22,7 @@ from torch import nn
 
 from kdcli.config.losses import FEATURE_KINDS, LossSpec
 from kdcli.distill.losses import Layers, build_term
-from kdcli.distill.taps import FeatureTaps, pick_layers, resolve_modules, trace_modules
+from kdcli.distill.taps import FeatureTaps, block_layers, pick_layers, resolve_modules, trace_modules
 from kdcli.errors import InputError, ModelError
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
@@ -78,13 +78,14 @@ class Distiller(nn.Module):
 
     @staticmethod
     def _layers(sel, model, records, final, role, where, auto) -> list[str]:
-        if sel == "auto":
-            if role not in auto:
-                auto[role] = pick_layers(model, records, final)
-                if not auto[role]:
+        if sel in ("auto", "auto-blocks"):
+            key = (role, sel)
+            if key not in auto:
+                auto[key] = (pick_layers if sel == "auto" else block_layers)(model, records, final)
+                if not auto[key]:
                     raise ModelError(f"{where}.{role}_layers: could not choose layers automatically for the {role}; "
                                      "name them ([module.path, ...])")
-            return list(auto[role])
+            return list(auto[key])
         resolve_modules(model, sel, f"{where}.{role}_layers", role)
         for p in sel:
             if p not in records or records[p]["out"] is None:

@@ -166,6 +166,25 @@ def pick_layers(model: nn.Module, records: dict, final) -> list[str]:
     return _pick(unwrap(model), "", records, final)
 
 
+def block_layers(model: nn.Module, records: dict, final) -> list[str]:
+    """The layers ``auto-blocks`` stands for: each stage of :func:`pick_layers` opened into the
+    blocks it calls (its children that run in the forward pass and output a tensor of the stage's
+    rank, in call order): ``layer1.0 ... layer3.2`` of a CIFAR ResNet-20. A stage with no such
+    children (a plain layer) stands for itself. Block outputs are where a student pruned inside
+    its blocks keeps the teacher's width, so block-wise hints match like for like (Li et al. 2020,
+    "Few Sample Knowledge Distillation", match a pruned student to its teacher block by block)."""
+    out = []
+    for stage in pick_layers(model, records, final):
+        rank = records[stage]["out"].dim()
+        mod = unwrap(model).get_submodule(stage)
+        kids = [f"{stage}.{n}" for n, _ in mod.named_children()
+                if f"{stage}.{n}" in records and records[f"{stage}.{n}"]["out"] is not None
+                and records[f"{stage}.{n}"]["out"].dim() == rank]
+        kids.sort(key=lambda p: records[p]["order"])
+        out += kids or [stage]
+    return out
+
+
 def _pick(module: nn.Module, prefix: str, records: dict, final) -> list[str]:
     kids = [(prefix + n, m) for n, m in module.named_children() if prefix + n in records]
     kids.sort(key=lambda k: records[k[0]]["order"])

@@ -34,11 +34,11 @@ def make_regressor(s_shape: torch.Size, t_shape: torch.Size) -> nn.Module:
     """
     cs, ct = s_shape[0], t_shape[0]
     if len(s_shape) == 1 or len(t_shape) == 1:
-        lin = nn.Linear(cs, ct)
+        lin = _identity_start(nn.Linear(cs, ct))
         return lin if len(s_shape) == 1 else nn.Sequential(GlobalPool(), lin)
     hs, ht = tuple(s_shape[1:]), tuple(t_shape[1:])
     if hs == ht:
-        return nn.Conv2d(cs, ct, 1)
+        return _identity_start(nn.Conv2d(cs, ct, 1))
     down = all(a >= b for a, b in zip(hs, ht))
     up = all(a <= b for a, b in zip(hs, ht))
     if not (down or up):
@@ -49,6 +49,21 @@ def make_regressor(s_shape: torch.Size, t_shape: torch.Size) -> nn.Module:
     if down:
         return nn.Conv2d(cs, ct, kernel, stride)
     return nn.ConvTranspose2d(cs, ct, kernel, stride)
+
+
+def _identity_start(layer: nn.Module) -> nn.Module:
+    """A 1x1 convolution or Linear between features of the same width starts as the identity
+    (weight I, bias 0): a student pruned from its teacher, whose layer keeps the teacher's width,
+    then starts the hint at its own error instead of at a random projection's (the 1x1 adapter
+    of Li et al. 2020, FSKD, starts the same way). Other widths keep PyTorch's initialisation."""
+    w = layer.weight
+    if w.shape[0] == w.shape[1]:
+        with torch.no_grad():
+            w.zero_()
+            w.view(w.shape[0], w.shape[1], -1)[:, :, 0].copy_(torch.eye(w.shape[0]))
+            if layer.bias is not None:
+                layer.bias.zero_()
+    return layer
 
 
 def _sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
