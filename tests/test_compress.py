@@ -287,3 +287,25 @@ def test_the_last_step_the_schedule_may_take_is_forced_to_the_target_and_says_so
     assert last["accepted"] and last["forced"] and "forced" in last["forced"]
     assert res.student["macs"] <= 0.1 * res.teacher["macs"] * 1.0001
     assert sum(r["accepted"] for r in res.steps) == 3
+
+
+def test_a_step_whose_plan_removes_nothing_ends_the_pruning(tmp_path, monkeypatch, capsys):
+    # round_to wider than every group: no plan can remove a block, so no step can prune; the loop
+    # used to distil again for every step the schedule allowed (12 here) without changing the student
+    calls = {"n": 0}
+    real = C._distil
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "_distil", counting)
+    recipe, run_dir = C.start_run(builtin_recipe_path("quickstart"), out_dir=tmp_path / "run",
+                                  overrides=[*FAST, "prune.round_to=1024"])
+    res = C.compress(recipe, run_dir, device=torch.device("cpu"), reporter=C.Reporter(quiet=False))
+    assert calls["n"] == 1  # the final distillation only, no step's
+    assert res.steps == [] and not res.target_met
+    assert res.student["macs"] == res.teacher["macs"]
+    assert "the plan removes nothing" in capsys.readouterr().err
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["pruning_done"] and state["finished"]

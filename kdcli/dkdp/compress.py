@@ -222,6 +222,7 @@ class Attempt:
     latency_aim: float | None = None        # a speed target: the latency the step aimed at (ms)
     latency_predicted: float | None = None  # and what the lookup table predicted for its plan
     diverged: str | None = None
+    removed_nothing: bool = False  # the plan removed no channel: nothing left that this schedule can prune
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -257,7 +258,11 @@ class Loop:
                     or self.state.attempts >= self.max_attempts):
                 self.state.pruning_done = True
                 break
-            self.judge(self.attempt(macs, params))
+            a = self.attempt(macs, params)
+            if a.removed_nothing:
+                self.stop_stalled(a)
+                break
+            self.judge(a)
 
     def min_ratio(self) -> float | None:
         """The smallest MACs after/before a step may reach, once a step was undone: no step is then
@@ -310,6 +315,9 @@ class Loop:
         if speed is not None:
             a.latency_aim, a.latency_predicted = speed.aim, speed.predicted
         a.new_macs, a.new_params = count_macs_params(self.student, ctx.example)
+        if a.new_macs >= a.macs and not a.history:
+            a.removed_nothing = True  # another epoch of distillation would change nothing that matters here
+            return a
         t_macs = ctx.target.teacher_macs
         ctx.reporter.info(f"step {a.k}: τ={a.tau if a.tau is None else round(a.tau, 4)}  MACs {macs:,} → "
                           f"{a.new_macs:,} ({a.new_macs / t_macs:.3f} of teacher), params {a.new_params:,}")
@@ -322,6 +330,21 @@ class Loop:
         a.accuracy = _last_val(a.train_history, self.student, ctx.val, ctx.device)
         a.latency = ctx.latency_ms(self.student)
         return a
+
+    def stop_stalled(self, a: Attempt) -> None:
+        """End the pruning where a step's plan removes nothing (every group at its smallest width
+        under ``prune.round_to``, the rest ignored or kept out): later steps would only distil
+        again; the run goes on to the final distillation and its gate says whether the target
+        was met."""
+        ctx, state = self.ctx, self.state
+        msg = (f"step {a.k}: the plan removes nothing (at {a.macs / ctx.target.teacher_macs:.3f} of the teacher's "
+               f"MACs no group can lose a block of prune.round_to {ctx.recipe.prune.round_to} channels, or the "
+               f"allocation takes none); pruning stops here: lower prune.round_to or prune fewer ignored_layers "
+               f"to go further")
+        ctx.reporter.warn(msg)
+        ctx.warnings.append(msg)
+        state.pruning_done = True
+        ctx.rd.write_json("state.json", asdict(state))
 
     def judge(self, a: Attempt) -> None:
         """Accept the attempt or undo it, adapting the aggressiveness; the state changes here only."""
