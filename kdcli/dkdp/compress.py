@@ -136,7 +136,7 @@ class Context:
     target: Target
     granularity: object | None
     prune: bool  # whether steps prune at all (a declared student may be distilled only)
-    warnings: list = field(default_factory=list)  # about the choice of data (shown in the reports)
+    warnings: list = field(default_factory=list)  # about the choice of data, and a pruning stopped early (shown in the reports)
     tracker: Tracker | None = None  # run tracking (--log): steps as recorded; epochs come through the reporter
 
     @classmethod
