@@ -136,7 +136,8 @@ class Context:
     target: Target
     granularity: object | None
     prune: bool  # whether steps prune at all (a declared student may be distilled only)
-    warnings: list = field(default_factory=list)  # about the choice of data, and a pruning stopped early (shown in the reports)
+    # about the choice of data, and a pruning stopped early (shown in the reports)
+    warnings: list = field(default_factory=list)
     tracker: Tracker | None = None  # run tracking (--log): steps as recorded; epochs come through the reporter
 
     @classmethod
@@ -222,7 +223,6 @@ class Attempt:
     latency_aim: float | None = None        # a speed target: the latency the step aimed at (ms)
     latency_predicted: float | None = None  # and what the lookup table predicted for its plan
     diverged: str | None = None
-    removed_nothing: bool = False  # the plan removed no channel: nothing left that this schedule can prune
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -259,7 +259,7 @@ class Loop:
                 self.state.pruning_done = True
                 break
             a = self.attempt(macs, params)
-            if a.removed_nothing:
+            if not a.history:  # the plan removed nothing: attempt() did not distil
                 self.stop_stalled(a)
                 break
             self.judge(a)
@@ -315,8 +315,7 @@ class Loop:
         if speed is not None:
             a.latency_aim, a.latency_predicted = speed.aim, speed.predicted
         a.new_macs, a.new_params = count_macs_params(self.student, ctx.example)
-        if a.new_macs >= a.macs and not a.history:
-            a.removed_nothing = True  # another epoch of distillation would change nothing that matters here
+        if not a.history:  # nothing pruned: another distillation would change nothing that matters here
             return a
         t_macs = ctx.target.teacher_macs
         ctx.reporter.info(f"step {a.k}: τ={a.tau if a.tau is None else round(a.tau, 4)}  MACs {macs:,} → "
@@ -337,10 +336,11 @@ class Loop:
         again; the run goes on to the final distillation and its gate says whether the target
         was met."""
         ctx, state = self.ctx, self.state
+        r = ctx.recipe.prune.round_to
+        block = f"a block of prune.round_to {r} channels" if r and r > 1 else "a channel"
         msg = (f"step {a.k}: the plan removes nothing (at {a.macs / ctx.target.teacher_macs:.3f} of the teacher's "
-               f"MACs no group can lose a block of prune.round_to {ctx.recipe.prune.round_to} channels, or the "
-               f"allocation takes none); pruning stops here: lower prune.round_to or prune fewer ignored_layers "
-               f"to go further")
+               f"MACs no group can lose {block}, or the allocation takes none); pruning stops here: "
+               f"{'lower prune.round_to or ' if r and r > 1 else ''}prune fewer ignored_layers to go further")
         ctx.reporter.warn(msg)
         ctx.warnings.append(msg)
         state.pruning_done = True
