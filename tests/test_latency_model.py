@@ -147,6 +147,89 @@ def test_importance_per_millisecond_decides_not_macs():
     assert "c1.0" in plans["macs"]
 
 
+class _Branches(nn.Module):
+    """Two branches into one head: ``a`` a 3×3 conv the classifier reads, ``b`` a 1×1 conv it
+    hardly reads (its weights in the head scaled by 1e-3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(3, 16, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_the_measured_allocation_ranks_by_damage_per_millisecond_for_a_latency_aim():
+    """allocation: sensitivity with a speed target: on a clock where the 1×1 branch costs the
+    same time at any width, cutting it saves no time, so the latency plan cuts the 3×3 branch
+    (the one the output reads) and leaves b whole; the same allocation for a MACs aim cuts b
+    first (the least damage per MAC). The plan lands under the latency aim, and under a MACs
+    aim given beside it."""
+    from kdcli.dkdp.compress import _Sensitivity
+    from kdcli.prune.pruner import count_macs_params
+
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    with torch.no_grad():
+        model.fc.weight[:, 16:] *= 1e-3
+    ex = torch.zeros(1, 3, 8, 8)
+
+    def clock(sig: LayerSig) -> float:
+        return 1.0 if sig.op == "conv" and sig.kernel == (1, 1) else mac_clock(sig)
+
+    batches = [(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))]
+    ratios = [0.125 * i for i in range(1, 8)]
+    total = count_macs_params(model, ex)[0]
+
+    p = StructuredPruner(model, ex)
+    _, by_macs = _Sensitivity(p, p.score(), model, batches, ratios).for_macs(0.95 * total)
+    assert len(by_macs.get("b", [])) >= 4 and not by_macs.get("a"), by_macs
+
+    p = StructuredPruner(model, ex)
+    lm = LatencyModel(model, ex, LatencyTable(None, timer=clock), batch_size=16)
+    before = lm.raw()
+    lm.calibrate(10.0)
+    aim = 10.0 * (1 - 0.3 * (before - 1.0) / before)  # 30 % of the 3×3 branch's share of the time
+    res = _Sensitivity(p, p.score(), model, batches, ratios).for_latency(lm, aim, None)
+    assert res.predicted_ms <= aim and res.aim_ms == aim and res.before_ms == pytest.approx(10.0)
+    assert res.plan.get("a") and not res.plan.get("b"), res.plan
+    assert res.measured > 0  # the widths it tried were timed on the table
+
+    p = StructuredPruner(model, ex)  # a MACs aim beside the latency aim: both hold
+    res = _Sensitivity(p, p.score(), model, batches, ratios).for_latency(lm, 9.99, 0.6 * total)
+    assert res.predicted_ms <= 9.99 and p.plan_macs(res.plan) <= 0.6 * total
+    assert count_macs_params(model, ex)[0] == total  # the model is left as it was
+
+
+def test_under_a_latency_aim_measured_damage_decides_not_magnitude():
+    """Two 3×3 branches of equal time; the head hardly reads b. HALP's plan (magnitude per
+    millisecond, no group cut far below the aim's ratio first) cuts both; the measured
+    allocation (damage per millisecond) cuts only b. Both land under the aim."""
+    from kdcli.dkdp.compress import _Sensitivity
+
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    model.b = nn.Conv2d(3, 16, 3, padding=1)
+    with torch.no_grad():
+        model.fc.weight[:, 16:] *= 1e-3
+    ex = torch.zeros(1, 3, 8, 8)
+    batches = [(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))]
+    plans = {}
+    for how in ("halp", "measured"):
+        p = StructuredPruner(model, ex)
+        lm = LatencyModel(model, ex, LatencyTable(None, timer=mac_clock), batch_size=16)
+        lm.calibrate(1.0)
+        res = (plan_for_latency(p, p.score(), 0.8, lm) if how == "halp"
+               else _Sensitivity(p, p.score(), model, batches, [0.125 * i for i in range(1, 8)]).for_latency(lm, 0.8, None))
+        assert res.predicted_ms <= 0.8
+        plans[how] = res.plan
+    assert plans["halp"].get("a") and plans["halp"].get("b"), plans
+    assert plans["measured"].get("b") and not plans["measured"].get("a"), plans
+
+
 # ----------------------------------------------------------------------------- the target
 
 
@@ -315,6 +398,33 @@ def test_a_speedup_target_drives_the_loop_on_the_lookup_table(tmp_path, monkeypa
     (entries,) = table.values()
     assert entries and all(k.endswith(" b16") for k in entries)  # measured at the target's batch size
     assert res.student["macs"] < res.teacher["macs"]
+
+
+def test_a_speed_target_with_the_measured_allocation_plans_on_damage_per_millisecond(tmp_path, monkeypatch):
+    """allocation: sensitivity beside a speed-up and a MACs target: every step's plan is the
+    measured allocation's latency plan (not HALP's), and the run meets both targets."""
+    import kdcli.dkdp.compress as C
+
+    _fake_clocks(monkeypatch)
+    calls = []
+    real = C._Sensitivity.for_latency
+
+    def spy(self, lm, aim_ms, aim_macs):
+        res = real(self, lm, aim_ms, aim_macs)
+        calls.append((aim_ms, aim_macs, res.predicted_ms))
+        return res
+
+    monkeypatch.setattr(C._Sensitivity, "for_latency", spy)
+    import kdcli.dkdp.speed as S
+    monkeypatch.setattr(S, "plan_for_latency", lambda *a, **k: pytest.fail("HALP's plan was used"))
+    recipe, run_dir = C.start_run(builtin_recipe_path("quickstart"), out_dir=tmp_path / "run",
+                                  overrides=[*FAST, "export.enabled=false", "target.macs=0.6", "target.speedup=2",
+                                             "export.batch_sizes=[1, 16]", "prune.steps=2", "prune.allocation=sensitivity"])
+    res = C.compress(recipe, run_dir, device=torch.device("cpu"), reporter=None)
+    assert calls and all(pred <= aim for aim, _, pred in calls), calls
+    assert all(macs is not None for _, macs, _ in calls)  # the MACs aim rides along
+    assert res.target_met, res.gate_failures
+    assert res.student["macs"] <= 0.6 * res.teacher["macs"] * 1.0001
 
 
 def test_compress_exits_3_on_a_slower_student_and_writes_the_reports_first(tmp_path, monkeypatch):

@@ -453,7 +453,7 @@ def test_plan_uniform_removes_the_same_fraction_of_every_group_lowest_scores_fir
 def test_sensitivity_allocation_cuts_where_the_output_barely_moves():
     """prune.allocation: sensitivity measures each group's damage (KL of the outputs) per MAC
     saved: of two branches of equal cost, the one the classifier barely reads is cut first."""
-    from kdcli.dkdp.compress import _sensitivity_plan
+    from kdcli.dkdp.compress import _Sensitivity
 
     class TwoBranches(nn.Module):
         def __init__(self):
@@ -476,7 +476,7 @@ def test_sensitivity_allocation_cuts_where_the_output_barely_moves():
     total = count_macs_params(model, ex)[0]
     scores = p.score()
     batches = [(torch.randn(32, 3, 8, 8), torch.zeros(32, dtype=torch.long))]
-    damage, plan = _sensitivity_plan(p, scores, model, batches, 0.7 * total, [0.125 * i for i in range(1, 8)])
+    damage, plan = _Sensitivity(p, scores, model, batches, [0.125 * i for i in range(1, 8)]).for_macs(0.7 * total)
     assert p.plan_macs(plan) <= 0.7 * total
     assert len(plan.get("b", [])) >= 10 and len(plan.get("a", [])) <= 2, plan
     assert damage >= 0

@@ -164,7 +164,7 @@ def test_analyze_names_head_groups_in_heads(tmp_path):
 def test_sensitivity_allocation_takes_the_head_the_output_does_not_read():
     """prune.allocation: sensitivity on a ViT: a head whose projection columns are near zero
     costs nothing to remove, so the plan takes it before anything the output reads."""
-    from kdcli.dkdp.compress import _sensitivity_plan
+    from kdcli.dkdp.compress import _Sensitivity
 
     model = _vit()
     with torch.no_grad():
@@ -173,7 +173,7 @@ def test_sensitivity_allocation_takes_the_head_the_output_does_not_read():
     total = count_macs_params(model, EX)[0]
     scores = p.score()
     batches = [(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.zeros(16, dtype=torch.long))]
-    _, plan = _sensitivity_plan(p, scores, model, batches, 0.97 * total, [0.25, 0.5, 0.75])
+    _, plan = _Sensitivity(p, scores, model, batches, [0.25, 0.5, 0.75]).for_macs(0.97 * total)
     assert p.plan_macs(plan) <= 0.97 * total
     assert plan.get("blocks.1.attn.qkv") == [3], plan
     assert count_macs_params(model, EX)[0] == total

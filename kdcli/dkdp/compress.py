@@ -53,6 +53,7 @@ from kdcli.dkdp.run import RunDir, RunLock, StepRecord, resume_recipe, start_run
 from kdcli.dkdp.speed import SpeedStep, reference_latency_ms, student_latency_ms
 from kdcli.dkdp.target import Target
 from kdcli.errors import InputError, TrainingDiverged
+from kdcli.export.latency_model import LatencyModel, LatencyPlan
 from kdcli.models import absolute_spec, build_model
 from kdcli.models.file import ModelInfo, data_metadata, export_info, load_model_any, recipe_models, save_model
 from kdcli.models.utils import first_tensor, is_main_process
@@ -603,12 +604,16 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
         ratios = _suggested_ratios(recipe.resolve(recipe.prune.ratios_from))
         pruner.prune_ratios(ratios, scores)
         return None, pruner.history()
-    if speed is not None:  # a latency target: importance per ms saved, on the latency lookup table (HALP)
-        tau, plan = speed.plan(pruner, scores, aim_macs, failed_macs, reporter, k)
+    measured = _Sensitivity(pruner, scores, student, batches, recipe.prune.sensitivity_ratios) if sensitive else None
+    if speed is not None:  # a latency target: importance (or measured damage) per ms saved, on a lookup table
+        macs_aim = aim_macs if recipe.target.macs is not None else None
+        tau, plan = speed.plan(pruner, scores, aim_macs, failed_macs, reporter, k,
+                               planner=(lambda lm, aim_ms: measured.for_latency(lm, aim_ms, macs_aim)) if sensitive else None,
+                               for_macs=(lambda: measured.for_macs(aim_macs)) if sensitive else None)
     elif recipe.prune.allocation == "uniform":
         tau, plan = pruner.plan_uniform(scores, aim_macs)
     elif sensitive:
-        tau, plan = _sensitivity_plan(pruner, scores, student, batches, aim_macs, recipe.prune.sensitivity_ratios)
+        tau, plan = measured.for_macs(aim_macs)
     elif failed_macs is None:  # land on the aim, not below it: one τ moves in coarse steps
         tau, plan = pruner.plan_for_macs(scores, aim_macs)
     else:
@@ -623,44 +628,101 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
     return float(tau), pruner.history()
 
 
-def _sensitivity_plan(pruner: StructuredPruner, scores: dict, student: nn.Module, batches: list, aim_macs: float,
-                      ratios) -> tuple[float, dict[str, list[int]]]:
-    """(predicted damage, plan) for ``prune.allocation: sensitivity``: every group pruned alone at
-    each of ``ratios`` (lowest scores first), the damage measured as the KL divergence of the
-    pruned student's outputs from the unpruned student's on ``batches`` (the score batches: no
-    labels, no validation data), then the greedy of :func:`suggest_ratios`: raise, one ratio step
-    at a time, the group whose step costs the least damage per MAC saved, with the exact MACs of
-    the combined plan, until the aim is reached; channels are then given back or taken away to
-    land just under the aim. Where the residual stream of a ResNet is prunable this learns what
-    a uniform cut cannot: on the CIFAR ResNet-20, half a stage's stream costs 66 points of
-    accuracy alone and half an inner convolution 0.4 (``kdcli analyze``). The cost is one forward
-    pass over the score batches per group and distinct ratio."""
-    inputs = [b[0] for b in batches]
-    with torch.no_grad():
-        student.eval()
-        reference = [torch.log_softmax(first_tensor(student(x)).float(), dim=1) for x in inputs]
+class _Sensitivity:
+    """``prune.allocation: sensitivity`` for one step: every group pruned alone at each of
+    ``ratios`` (lowest scores first), the damage measured as the KL divergence of the pruned
+    student's outputs from the unpruned student's on ``batches`` (the score batches: no labels,
+    no validation data), then the greedy of :func:`suggest_ratios`: raise, one ratio step at a
+    time, the group whose step costs the least damage per unit of cost saved, with the cost of
+    the combined plan counted exactly, until the aim is reached; channels are then given back or
+    taken away to land just under the aim. Where the residual stream of a ResNet is prunable this
+    learns what a uniform cut cannot: on the CIFAR ResNet-20, half a stage's stream costs 66
+    points of accuracy alone and half an inner convolution 0.4 (``kdcli analyze``). The cost is
+    one forward pass over the score batches per group and distinct ratio, once per kind of cost.
 
-    def negative_damage() -> float:
-        total = 0.0
+    The cost is MACs (:meth:`for_macs`) or, for a latency or speed-up target, the latency the
+    step's lookup table predicts (:meth:`for_latency`: damage per millisecond saved, with the MACs
+    aim as a second condition when the target has one). Layers do not cost per MAC (onnxruntime's
+    convolutions at full resolution and few channels run slower per MAC than narrow late ones,
+    and widths off the kernels' channel block run on a slower path), so the two can choose
+    different structures for the same MACs."""
+
+    def __init__(self, pruner: StructuredPruner, scores: dict, student: nn.Module, batches: list, ratios):
+        self.pruner, self.scores, self.student, self.ratios = pruner, scores, student, ratios
+        self.inputs = [b[0] for b in batches]
         with torch.no_grad():
             student.eval()
-            for x, ref in zip(inputs, reference):
-                out = torch.log_softmax(first_tensor(student(x)).float(), dim=1)
+            self.reference = [torch.log_softmax(first_tensor(student(x)).float(), dim=1) for x in self.inputs]
+        self._curves: dict[str, dict] = {}
+
+    def _negative_damage(self) -> float:
+        total = 0.0
+        with torch.no_grad():
+            self.student.eval()
+            for x, ref in zip(self.inputs, self.reference):
+                out = torch.log_softmax(first_tensor(self.student(x)).float(), dim=1)
                 total += float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="sum"))
         # under torchrun each rank holds its share of the score batches: the damage is summed over all
-        total, n = distributed.sum_over_ranks(torch.tensor([total, float(sum(len(x) for x in inputs))])).tolist()
+        total, n = distributed.sum_over_ranks(torch.tensor([total, float(sum(len(x) for x in self.inputs))])).tolist()
         return -total / max(n, 1)
 
-    groups = [g for g in pruner.groups if g in scores]
-    curves = pruning_sensitivity(pruner, groups, scores, ratios, evaluate_fn=negative_damage,
-                                 macs_fn=lambda: count_macs_params(student, pruner.example)[0])
-    total = count_macs_params(student, pruner.example)[0]
-    suggestion = suggest_ratios(curves, baseline_accuracy=0.0, total_macs=total, target_macs=float(aim_macs),
-                                macs_of=lambda r: pruner.plan_macs(pruner.plan_ratios(r, scores)))
-    plan = pruner.plan_ratios(suggestion["ratios"], scores)
-    plan = (pruner.fill_to_macs(scores, plan, aim_macs) if pruner.plan_macs(plan) <= aim_macs
-            else pruner.take_to_macs(scores, plan, aim_macs))
-    return -float(suggestion["predicted_accuracy"]), plan
+    def _curves_of(self, kind: str, cost_fn) -> dict:
+        if kind not in self._curves:
+            groups = [g for g in self.pruner.groups if g in self.scores]
+            self._curves[kind] = pruning_sensitivity(self.pruner, groups, self.scores, self.ratios,
+                                                     evaluate_fn=self._negative_damage, macs_fn=cost_fn)
+        return self._curves[kind]
+
+    def for_macs(self, aim_macs: float) -> tuple[float, dict[str, list[int]]]:
+        """(predicted damage, plan) at or just under ``aim_macs``."""
+        pruner, scores = self.pruner, self.scores
+        curves = self._curves_of("macs", lambda: count_macs_params(self.student, pruner.example)[0])
+        total = count_macs_params(self.student, pruner.example)[0]
+        suggestion = suggest_ratios(curves, baseline_accuracy=0.0, total_macs=total, target_macs=float(aim_macs),
+                                    macs_of=lambda r: pruner.plan_macs(pruner.plan_ratios(r, scores)))
+        plan = pruner.plan_ratios(suggestion["ratios"], scores)
+        plan = (pruner.fill_to_macs(scores, plan, aim_macs) if pruner.plan_macs(plan) <= aim_macs
+                else pruner.take_to_macs(scores, plan, aim_macs))
+        return -float(suggestion["predicted_accuracy"]), plan
+
+    def for_latency(self, lm: LatencyModel, aim_ms: float, aim_macs: float | None) -> LatencyPlan:
+        """The plan whose predicted latency (``lm``, calibrated ms) is at or just under
+        ``aim_ms``, and whose MACs are at or under ``aim_macs`` when given: the greedy on damage
+        per millisecond saved, then channels given back while both hold (or, short of the MACs
+        aim, blocks taken away). The aim may be out of reach at the largest ratio: the plan then
+        goes as far as the ratios do."""
+        pruner, scores = self.pruner, self.scores
+        start = lm.table.measured
+        before = lm.raw()
+
+        def raw(plan: dict) -> float:
+            if not any(plan.values()):
+                return before
+            with pruner.trial(plan, check=False):
+                return lm.raw()
+
+        def macs_ok(plan: dict) -> bool:
+            return aim_macs is None or pruner.plan_macs(plan) <= aim_macs
+
+        goal = float(aim_ms) / lm.scale
+        # pruning_sensitivity and suggest_ratios count integers: the raw prediction in nanoseconds
+        curves = self._curves_of("latency", lambda: int(round(lm.raw() * 1e6)))
+        suggestion = suggest_ratios(curves, baseline_accuracy=0.0, total_macs=int(round(before * 1e6)),
+                                    target_macs=min(goal / before, 1.0) if before > 0 else 1.0,
+                                    macs_of=lambda r: int(round(raw(pruner.plan_ratios(r, scores)) * 1e6)),
+                                    also=None if aim_macs is None else lambda r: macs_ok(pruner.plan_ratios(r, scores)))
+        plan = pruner.plan_ratios(suggestion["ratios"], scores)
+
+        def fits(p: dict) -> bool:
+            return raw(p) <= goal and macs_ok(p)
+
+        if fits(plan):
+            plan = pruner.fill_to_macs(scores, plan, math.inf, fits=fits)
+        elif not macs_ok(plan):
+            plan = pruner.take_to_macs(scores, plan, aim_macs)
+        lm.table.save()
+        return LatencyPlan(plan, -float(suggestion["predicted_accuracy"]), before * lm.scale, raw(plan) * lm.scale,
+                           float(aim_ms), lm.table.measured - start)
 
 
 def _suggested_ratios(path: Path) -> dict[str, float]:

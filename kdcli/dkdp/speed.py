@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
 from kdcli.dkdp.target import Target
 from kdcli.export import latency_model  # module attributes, read at call time (tests replace the timing)
-from kdcli.export.latency_model import LUT_FILE, LatencyModel, LatencyTable, plan_for_latency
+from kdcli.export.latency_model import LUT_FILE, LatencyModel, LatencyPlan, LatencyTable, plan_for_latency
 
 MARGIN = 0.03  # a step that aims at the target aims this much under it: the final measurement is noisy
 TIME_BUDGET_S = 1.0  # seconds of timed runs per measurement in the loop (the export report takes its own)
@@ -98,24 +98,32 @@ class SpeedStep:
         return min(aim, current_ms)
 
     def plan(self, pruner, scores: dict, aim_macs: float, failed_macs: int | None = None,
-             reporter=None, k: int = 0) -> tuple[float, dict[str, list[int]]]:
+             reporter=None, k: int = 0, planner: Callable[[LatencyModel, float], LatencyPlan] | None = None,
+             for_macs: Callable[[], tuple[float, dict[str, list[int]]]] | None = None
+             ) -> tuple[float, dict[str, list[int]]]:
         """(τ, plan) for this step: the plan whose predicted latency lands just under the aim,
         then, with a MACs target too, blocks taken away until the MACs aim holds; a retry after
-        an undone attempt (``failed_macs``) aims higher until its plan cuts less."""
+        an undone attempt (``failed_macs``) aims higher until its plan cuts less. ``planner(model,
+        aim_ms)`` chooses the plan on the calibrated latency model (default
+        :func:`~kdcli.export.latency_model.plan_for_latency`: importance per millisecond; compress
+        passes the measured allocation's, damage per millisecond, for ``allocation: sensitivity``).
+        ``for_macs()``: the plan of a step that serves a MACs target only, the latency target
+        holding already (default :meth:`~kdcli.prune.pruner.StructuredPruner.plan_for_macs`)."""
         current = student_latency_ms(pruner.model, self.teacher, self.target, self.input_shape)
         aim = self.aim_ms(current)
         if aim >= current:  # the latency target holds: the step serves the MACs (or parameters) target
             self.aim = self.predicted = None
-            return pruner.plan_for_macs(scores, aim_macs)
+            return for_macs() if for_macs is not None else pruner.plan_for_macs(scores, aim_macs)
         table = LatencyTable(Path(self.run_dir) / LUT_FILE)
         model = LatencyModel(pruner.model, pruner.example, table, self.target.batch_size)
         model.calibrate(current)
-        result = plan_for_latency(pruner, scores, aim, model)
+        planner = planner or (lambda lm, aim_ms: plan_for_latency(pruner, scores, aim_ms, lm))
+        result = planner(model, aim)
         for _ in range(10):
             if failed_macs is None or not result.plan or pruner.plan_macs(result.plan) > failed_macs:
                 break
             aim += (current - aim) * 0.3  # the undone attempt's cut held no more: cut less
-            result = plan_for_latency(pruner, scores, aim, model)
+            result = planner(model, aim)
         plan = result.plan
         self.aim, self.predicted = float(aim), float(result.predicted_ms)
         if self.target.macs is not None and pruner.plan_macs(plan) > aim_macs:
