@@ -174,6 +174,7 @@ target:
   max_accuracy_drop: 0.015
 export:
   enabled: false
+  threads: {cfg['threads']}
 """
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -162,12 +163,27 @@ class _Branches(nn.Module):
         return self.fc(y.mean(dim=(2, 3)))
 
 
-def test_the_measured_allocation_ranks_by_damage_per_millisecond_for_a_latency_aim():
-    """allocation: sensitivity with a speed target: on a clock where the 1×1 branch costs the
-    same time at any width, cutting it saves no time, so the latency plan cuts the 3×3 branch
-    (the one the output reads) and leaves b whole; the same allocation for a MACs aim cuts b
-    first (the least damage per MAC). The plan lands under the latency aim, and under a MACs
-    aim given beside it."""
+def _whole_model_clock(monkeypatch, timer) -> Callable:
+    """Whole-model timings (``measure_models``) replaced by a deterministic clock: the sum of
+    ``timer`` over the model's conv/linear layers plus a constant."""
+
+    def measure_models(models, input_shape, batch_size, **_):
+        out = {}
+        for name, m in models.items():
+            lm = LatencyModel(m, torch.zeros(1, *input_shape), LatencyTable(None, timer=timer), batch_size)
+            out[name] = {"median_ms": 0.01 + lm.raw(), "p25_ms": 0.0, "p75_ms": 0.0}
+        return out
+
+    monkeypatch.setattr(LM, "measure_models", measure_models)
+    return measure_models
+
+
+def test_the_measured_allocation_ranks_by_damage_per_millisecond_measured_in_context(monkeypatch):
+    """allocation: sensitivity with a speed target. The whole model, timed, costs the 1×1
+    branch b the same at any width, where the layer table charges it by MACs: the plan follows
+    the whole-model timings and cuts the 3×3 branch a (the one the output reads), leaving b
+    whole; the same allocation for a MACs aim cuts b first (the least damage per MAC). The plan
+    lands under the latency aim, and under a MACs aim given beside it."""
     from kdcli.dkdp.compress import _Sensitivity
     from kdcli.prune.pruner import count_macs_params
 
@@ -176,10 +192,8 @@ def test_the_measured_allocation_ranks_by_damage_per_millisecond_for_a_latency_a
     with torch.no_grad():
         model.fc.weight[:, 16:] *= 1e-3
     ex = torch.zeros(1, 3, 8, 8)
-
-    def clock(sig: LayerSig) -> float:
-        return 1.0 if sig.op == "conv" and sig.kernel == (1, 1) else mac_clock(sig)
-
+    whole = _whole_model_clock(monkeypatch, lambda sig: 1.0 if sig.op == "conv" and sig.kernel == (1, 1)
+                               else mac_clock(sig))
     batches = [(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))]
     ratios = [0.125 * i for i in range(1, 8)]
     total = count_macs_params(model, ex)[0]
@@ -189,14 +203,15 @@ def test_the_measured_allocation_ranks_by_damage_per_millisecond_for_a_latency_a
     assert len(by_macs.get("b", [])) >= 4 and not by_macs.get("a"), by_macs
 
     p = StructuredPruner(model, ex)
-    lm = LatencyModel(model, ex, LatencyTable(None, timer=clock), batch_size=16)
-    before = lm.raw()
+    lm = LatencyModel(model, ex, LatencyTable(None, timer=mac_clock), batch_size=16)
     lm.calibrate(10.0)
-    aim = 10.0 * (1 - 0.3 * (before - 1.0) / before)  # 30 % of the 3×3 branch's share of the time
+    now = whole({"m": model}, (3, 8, 8), 16)["m"]["median_ms"]
+    a_ms = LatencyModel(model, ex, LatencyTable(None, timer=mac_clock), 16).layer_ms(layer_calls(model, ex)[0])
+    aim = 10.0 * (1 - 0.3 * a_ms / now)  # 30 % of the 3×3 branch's share of the time
     res = _Sensitivity(p, p.score(), model, batches, ratios).for_latency(lm, aim, None)
     assert res.predicted_ms <= aim and res.aim_ms == aim and res.before_ms == pytest.approx(10.0)
     assert res.plan.get("a") and not res.plan.get("b"), res.plan
-    assert res.measured > 0  # the widths it tried were timed on the table
+    assert res.measured > 0 and "whole-model timings" in res.how
 
     p = StructuredPruner(model, ex)  # a MACs aim beside the latency aim: both hold
     res = _Sensitivity(p, p.score(), model, batches, ratios).for_latency(lm, 9.99, 0.6 * total)
@@ -204,7 +219,7 @@ def test_the_measured_allocation_ranks_by_damage_per_millisecond_for_a_latency_a
     assert count_macs_params(model, ex)[0] == total  # the model is left as it was
 
 
-def test_under_a_latency_aim_measured_damage_decides_not_magnitude():
+def test_under_a_latency_aim_measured_damage_decides_not_magnitude(monkeypatch):
     """Two 3×3 branches of equal time; the head hardly reads b. HALP's plan (magnitude per
     millisecond, no group cut far below the aim's ratio first) cuts both; the measured
     allocation (damage per millisecond) cuts only b. Both land under the aim."""
@@ -216,6 +231,7 @@ def test_under_a_latency_aim_measured_damage_decides_not_magnitude():
     with torch.no_grad():
         model.fc.weight[:, 16:] *= 1e-3
     ex = torch.zeros(1, 3, 8, 8)
+    _whole_model_clock(monkeypatch, mac_clock)
     batches = [(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))]
     plans = {}
     for how in ("halp", "measured"):
@@ -340,15 +356,7 @@ def _fake_clocks(monkeypatch, slow_export: bool = False):
     report times the student at twice the teacher."""
     import kdcli.export.onnx as E
 
-    def measure_models(models, input_shape, batch_size, **_):
-        out = {}
-        for name, m in models.items():
-            ex = torch.zeros(1, *input_shape)
-            lm = LatencyModel(m, ex, LatencyTable(None, timer=mac_clock), batch_size)
-            out[name] = {"median_ms": 0.01 + lm.raw(), "p25_ms": 0.0, "p75_ms": 0.0}
-        return out
-
-    monkeypatch.setattr(LM, "measure_models", measure_models)
+    _whole_model_clock(monkeypatch, mac_clock)
     monkeypatch.setattr(LM, "time_layer", lambda sig, **_: mac_clock(sig))
     if slow_export:
         real = E.measure_latency

@@ -53,6 +53,7 @@ from kdcli.dkdp.run import RunDir, RunLock, StepRecord, resume_recipe, start_run
 from kdcli.dkdp.speed import SpeedStep, reference_latency_ms, student_latency_ms
 from kdcli.dkdp.target import Target
 from kdcli.errors import InputError, TrainingDiverged
+from kdcli.export import latency_model  # module attributes, read at call time (tests replace the timing)
 from kdcli.export.latency_model import LatencyModel, LatencyPlan
 from kdcli.models import absolute_spec, build_model
 from kdcli.models.file import ModelInfo, data_metadata, export_info, load_model_any, recipe_models, save_model
@@ -172,7 +173,7 @@ class Context:
             warnings.append(warning)
         reporter.info(f"teacher {tinfo.name}: {t_params:,} params, {t_macs:,} MACs, val {100 * t_val:.2f}%")
         bs = recipe.target.resolved_batch_size(recipe.export.batch_sizes)
-        t_latency = (reference_latency_ms(teacher, data.input_shape, bs)  # a speed-up target times the teacher
+        t_latency = (reference_latency_ms(teacher, data.input_shape, bs, recipe.export.threads)  # times the teacher
                      if recipe.target.speedup is not None else None)
         target = Target.of(recipe.target, t_macs, t_params, t_val, export_batch_sizes=recipe.export.batch_sizes,
                            teacher_latency_ms=t_latency)
@@ -200,7 +201,7 @@ class Context:
     def latency_ms(self, student: nn.Module) -> float | None:
         """The student's onnxruntime latency (ms at ``target.batch_size``, in the target's terms:
         :func:`kdcli.dkdp.speed.student_latency_ms`), when the target asks for latency or speed-up."""
-        return (student_latency_ms(student, self.teacher, self.target, self.data.input_shape)
+        return (student_latency_ms(student, self.teacher, self.target, self.data.input_shape, self.recipe.export.threads)
                 if self.target.asks_speed else None)
 
 
@@ -309,7 +310,7 @@ class Loop:
         torch.manual_seed(ctx.recipe.seed + 1000 * state.attempts)
         speed = (SpeedStep(ctx.target, ctx.rd.path, ctx.teacher, tuple(ctx.data.input_shape),
                            max(ctx.recipe.prune.steps - state.accepted_steps, 1), state.aggressiveness, last,
-                           self.min_ratio()) if ctx.target.asks_speed else None)
+                           self.min_ratio(), ctx.recipe.export.threads) if ctx.target.asks_speed else None)
         a.tau, a.history = _prune_step(ctx.recipe, self.student, ctx.example, ctx.data, ctx.device, a.aim, a.k,
                                        ctx.reporter, None if last else state.failed_macs, speed=speed)
         distributed.check_same(a.history, f"the pruning plan of step {a.k}")
@@ -628,6 +629,10 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
     return float(tau), pruner.history()
 
 
+CONTEXT_BUDGET_S = 0.3  # seconds of timed runs per whole-model timing of a candidate plan
+NO_SAVING = 1e12  # the priority of a candidate that saves no time (or only noise): taken last
+
+
 class _Sensitivity:
     """``prune.allocation: sensitivity`` for one step: every group pruned alone at each of
     ``ratios`` (lowest scores first), the damage measured as the KL divergence of the pruned
@@ -685,44 +690,98 @@ class _Sensitivity:
                 else pruner.take_to_macs(scores, plan, aim_macs))
         return -float(suggestion["predicted_accuracy"]), plan
 
-    def for_latency(self, lm: LatencyModel, aim_ms: float, aim_macs: float | None) -> LatencyPlan:
-        """The plan whose predicted latency (``lm``, calibrated ms) is at or just under
-        ``aim_ms``, and whose MACs are at or under ``aim_macs`` when given: the greedy on damage
-        per millisecond saved, then channels given back while both hold (or, short of the MACs
-        aim, blocks taken away). The aim may be out of reach at the largest ratio: the plan then
-        goes as far as the ratios do."""
-        pruner, scores = self.pruner, self.scores
-        start = lm.table.measured
-        before = lm.raw()
+    def for_latency(self, lm: LatencyModel, aim_ms: float, aim_macs: float | None,
+                    time_budget_s: float = CONTEXT_BUDGET_S) -> LatencyPlan:
+        """The plan whose latency is at or just under ``aim_ms`` (calibrated ms of ``lm``: the
+        student as it is now predicts the latency the step measured), and whose MACs are at or
+        under ``aim_macs`` when given: the measured allocation's greedy with **damage per
+        millisecond saved, measured in context**. Each candidate (a group raised to its next ratio
+        on top of the plan so far) is exported and timed whole in onnxruntime, alternately with
+        the student as it is now, at the target's batch size; a lookup table of single layers
+        cannot see what the runtime does between layers (onnxruntime's blocked NCHWc layout: a
+        width under the block, or off it, costs reorders on both sides, so halving ResNet-20's
+        first-stage convolutions saves a fraction of what their timings alone promise). Lazy, as
+        in HALP's greedy: a candidate's saving is timed again only when it comes first with a
+        saving measured before the last raise. Once the latency holds, a MACs aim still unmet
+        is served by damage per MAC (exact counts, no timing). The plan goes as far as the
+        ratios allow when the aims are out of reach."""
+        pruner, scores, student = self.pruner, self.scores, self.student
+        curves = self._curves_of("macs", lambda: count_macs_params(student, pruner.example)[0])
+        base = copy.deepcopy(student).eval()
+        shape, batch = tuple(pruner.example.shape[1:]), lm.batch
+        now = lm.predict()  # calibrated: what the step measured
+        goal = float(aim_ms) / now if now > 0 else 1.0
+        timings = 0
 
-        def raw(plan: dict) -> float:
+        def fraction(plan: dict) -> float:
+            nonlocal timings
             if not any(plan.values()):
-                return before
+                return 1.0
             with pruner.trial(plan, check=False):
-                return lm.raw()
+                trial = copy.deepcopy(student).eval()
+            timings += 1
+            lat = latency_model.measure_models({"now": base, "plan": trial}, shape, batch, threads=lm.table.threads,
+                                               time_budget_s=time_budget_s)
+            return float(lat["plan"]["median_ms"]) / float(lat["now"]["median_ms"])
 
-        def macs_ok(plan: dict) -> bool:
-            return aim_macs is None or pruner.plan_macs(plan) <= aim_macs
+        at: dict[str, int] = {g: -1 for g in curves}  # index of each group's ratio in its curve
+        plan: dict[str, list[int]] = {}
+        cur, version = 1.0, 0
+        seen: dict[str, tuple[float, int]] = {}  # group -> (fraction after its next step, version timed)
 
-        goal = float(aim_ms) / lm.scale
-        # pruning_sensitivity and suggest_ratios count integers: the raw prediction in nanoseconds
-        curves = self._curves_of("latency", lambda: int(round(lm.raw() * 1e6)))
-        suggestion = suggest_ratios(curves, baseline_accuracy=0.0, total_macs=int(round(before * 1e6)),
-                                    target_macs=min(goal / before, 1.0) if before > 0 else 1.0,
-                                    macs_of=lambda r: int(round(raw(pruner.plan_ratios(r, scores)) * 1e6)),
-                                    also=None if aim_macs is None else lambda r: macs_ok(pruner.plan_ratios(r, scores)))
-        plan = pruner.plan_ratios(suggestion["ratios"], scores)
+        def step_of(g: str):
+            """(next curve index, its plan, the damage it adds) of group g, or None at its last."""
+            ratios = {h: curves[h][i]["ratio"] for h, i in at.items() if i >= 0}
+            for i in range(at[g] + 1, len(curves[g])):
+                nxt = pruner.plan_ratios({**ratios, g: curves[g][i]["ratio"]}, scores)
+                if nxt != plan:
+                    before = -curves[g][at[g]]["accuracy"] if at[g] >= 0 else 0.0
+                    return i, nxt, max(-curves[g][i]["accuracy"] - before, 0.0)
+            return None
 
-        def fits(p: dict) -> bool:
-            return raw(p) <= goal and macs_ok(p)
+        def macs_ok(p: dict) -> bool:
+            return aim_macs is None or pruner.plan_macs(p) <= aim_macs
 
-        if fits(plan):
-            plan = pruner.fill_to_macs(scores, plan, math.inf, fits=fits)
-        elif not macs_ok(plan):
+        while not (cur <= goal and macs_ok(plan)):
+            steps = {g: st for g in curves if (st := step_of(g)) is not None}
+            if not steps:
+                break
+            if cur <= goal:  # the latency holds: the MACs aim, by damage per MAC saved
+                m0 = pruner.plan_macs(plan)
+                keyed = [(d / max(m0 - pruner.plan_macs(nxt), 1e-9), g) for g, (_, nxt, d) in steps.items()]
+                _, g = min(keyed)
+                i, plan, _ = steps[g]
+                at[g] = i
+                cur = fraction(plan)
+                version += 1
+                seen.pop(g, None)
+                continue
+            while True:
+                keyed = []
+                for g, (_, nxt, d) in steps.items():
+                    if g not in seen:
+                        seen[g] = (fraction(nxt), version)
+                    saved = cur - seen[g][0]
+                    keyed.append((d / saved if saved > 1e-3 else NO_SAVING * (1 + d), g))
+                keyed.sort()
+                g = keyed[0][1]
+                if seen[g][1] == version or len(keyed) == 1:
+                    break
+                # timed before the last raise: time it again in the plan as it is now
+                seen[g] = (fraction(steps[g][1]), version)
+                saved = cur - seen[g][0]
+                if (steps[g][2] / saved if saved > 1e-3 else NO_SAVING * (1 + steps[g][2])) <= keyed[1][0]:
+                    break
+            i, plan, _ = steps[g]
+            at[g] = i
+            cur = seen.pop(g)[0]
+            version += 1
+        if not macs_ok(plan):
             plan = pruner.take_to_macs(scores, plan, aim_macs)
-        lm.table.save()
-        return LatencyPlan(plan, -float(suggestion["predicted_accuracy"]), before * lm.scale, raw(plan) * lm.scale,
-                           float(aim_ms), lm.table.measured - start)
+        final = fraction(plan) if plan else 1.0
+        damage = sum(-curves[g][i]["accuracy"] for g, i in at.items() if i >= 0)
+        return LatencyPlan(plan, float(damage), now, final * now, float(aim_ms), timings,
+                           f"damage per ms, measured in context: {timings} whole-model timings")
 
 
 def _suggested_ratios(path: Path) -> dict[str, float]:

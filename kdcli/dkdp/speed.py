@@ -11,8 +11,8 @@
   plan: the latency lookup table of the run directory (``latency_lut.json``, reused on resume)
   calibrated on the measured student, then :func:`kdcli.export.latency_model.plan_for_latency`.
 
-Timing is onnxruntime's on this machine with as many intra-op threads as the process may use,
-as the export report times it.
+Timing is onnxruntime's on this machine with the recipe's ``export.threads`` intra-op threads
+(null: as many as the process may use), as the export report that judges the run times it.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ TIME_BUDGET_S = 1.0  # seconds of timed runs per measurement in the loop (the ex
 NOISE_CAP = 0.10  # the most the loop's latency is raised for its measurement noise
 
 
-def reference_latency_ms(teacher: nn.Module, input_shape: Sequence[int], batch_size: int) -> float:
+def reference_latency_ms(teacher: nn.Module, input_shape: Sequence[int], batch_size: int,
+                         threads: int | None = None) -> float:
     """The teacher's median onnxruntime latency (ms) at ``batch_size``."""
-    return float(latency_model.measure_models({"teacher": teacher}, input_shape, batch_size,
-                                time_budget_s=TIME_BUDGET_S)["teacher"]["median_ms"])
+    return float(latency_model.measure_models({"teacher": teacher}, input_shape, batch_size, threads=threads,
+                                              time_budget_s=TIME_BUDGET_S)["teacher"]["median_ms"])
 
 
-def student_latency_ms(student: nn.Module, teacher: nn.Module, target: Target, input_shape: Sequence[int]) -> float:
+def student_latency_ms(student: nn.Module, teacher: nn.Module, target: Target, input_shape: Sequence[int],
+                       threads: int | None = None) -> float:
     """The student's latency (ms at ``target.batch_size``) in the target's terms, at the slow end
     of its noise: its median alone, or with a speed-up target ``target.teacher_latency_ms ×
     student / teacher`` from alternating runs of both, times ``1 + `` the measurement's relative
@@ -48,9 +50,10 @@ def student_latency_ms(student: nn.Module, teacher: nn.Module, target: Target, i
     export report's own measurement, which judges the run, finds it held too."""
     bs = target.batch_size
     if target.speedup is None:
-        s = latency_model.measure_models({"student": student}, input_shape, bs, time_budget_s=TIME_BUDGET_S)["student"]
+        s = latency_model.measure_models({"student": student}, input_shape, bs, threads=threads,
+                                         time_budget_s=TIME_BUDGET_S)["student"]
         return float(s["median_ms"]) * (1 + min(_rel_spread(s), NOISE_CAP))
-    lat = latency_model.measure_models({"teacher": teacher, "student": student}, input_shape, bs,
+    lat = latency_model.measure_models({"teacher": teacher, "student": student}, input_shape, bs, threads=threads,
                                        time_budget_s=TIME_BUDGET_S)
     t, s = lat["teacher"], lat["student"]
     rel = math.hypot(_rel_spread(t), _rel_spread(s))
@@ -82,6 +85,7 @@ class SpeedStep:
     aggressiveness: float
     last: bool = False
     floor: float | None = None
+    threads: int | None = None      # onnxruntime intra-op threads (export.threads; None: the process's cores)
     aim: float | None = None        # after plan(): the latency this step aimed at (ms; None: it served another target)
     predicted: float | None = None  # after plan(): what the lookup table predicted for the plan taken (ms)
 
@@ -109,12 +113,12 @@ class SpeedStep:
         passes the measured allocation's, damage per millisecond, for ``allocation: sensitivity``).
         ``for_macs()``: the plan of a step that serves a MACs target only, the latency target
         holding already (default :meth:`~kdcli.prune.pruner.StructuredPruner.plan_for_macs`)."""
-        current = student_latency_ms(pruner.model, self.teacher, self.target, self.input_shape)
+        current = student_latency_ms(pruner.model, self.teacher, self.target, self.input_shape, self.threads)
         aim = self.aim_ms(current)
         if aim >= current:  # the latency target holds: the step serves the MACs (or parameters) target
             self.aim = self.predicted = None
             return for_macs() if for_macs is not None else pruner.plan_for_macs(scores, aim_macs)
-        table = LatencyTable(Path(self.run_dir) / LUT_FILE)
+        table = LatencyTable(Path(self.run_dir) / LUT_FILE, threads=self.threads)
         model = LatencyModel(pruner.model, pruner.example, table, self.target.batch_size)
         model.calibrate(current)
         planner = planner or (lambda lm, aim_ms: plan_for_latency(pruner, scores, aim_ms, lm))
@@ -130,6 +134,7 @@ class SpeedStep:
             plan = pruner.take_to_macs(scores, plan, aim_macs)
         if reporter is not None:
             reporter.info(f"step {k}: latency {current:.3f} ms at batch {self.target.batch_size} → aim {aim:.3f} ms, "
-                          f"predicted {result.predicted_ms:.3f} ms (lookup table: {len(table)} layer timings, "
-                          f"{table.measured} new; calibration ×{model.scale:.3g})")
+                          f"predicted {result.predicted_ms:.3f} ms ("
+                          + (result.how or f"lookup table: {len(table)} layer timings, {table.measured} new; "
+                                           f"calibration ×{model.scale:.3g}") + ")")
         return result.tau, plan

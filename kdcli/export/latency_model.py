@@ -356,6 +356,7 @@ class LatencyPlan:
     predicted_ms: float
     aim_ms: float
     measured: int
+    how: str = ""  # what predicted it, for the step's log line (empty: the lookup table)
 
 
 def plan_for_latency(pruner, scores: dict[str, torch.Tensor], aim_ms: float, model: LatencyModel | None = None,
