@@ -309,3 +309,24 @@ def test_a_step_whose_plan_removes_nothing_ends_the_pruning(tmp_path, monkeypatc
     assert "the plan removes nothing" in capsys.readouterr().err
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["pruning_done"] and state["finished"]
+    assert any("the plan removes nothing" in w for w in res.data["warnings"])
+
+
+def test_the_early_stop_warning_survives_a_resume(tmp_path, monkeypatch):
+    # killed in the final distillation, after the loop stopped pruning: the resumed run's reports
+    # still carry the warning (the state says pruning is done, so no step says it again)
+    real = C._distil
+
+    def dying(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C, "_distil", dying)
+    recipe, run_dir = C.start_run(builtin_recipe_path("quickstart"), out_dir=tmp_path / "run",
+                                  overrides=[*FAST, "prune.round_to=1024"])
+    with pytest.raises(KeyboardInterrupt):
+        C.compress(recipe, run_dir, device=torch.device("cpu"))
+    assert json.loads((run_dir / "state.json").read_text())["pruning_done"]
+    monkeypatch.setattr(C, "_distil", real)
+    res = C.compress(C.resume_recipe(run_dir), run_dir, device=torch.device("cpu"))
+    assert sum("the plan removes nothing" in w for w in res.data["warnings"]) == 1
+    assert "the plan removes nothing" in (run_dir / "compress_report.md").read_text()

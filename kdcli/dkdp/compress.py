@@ -234,6 +234,7 @@ class Loop:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.state = ctx.rd.load_state()
+        ctx.warnings.extend(w for w in self.state.warnings if w not in ctx.warnings)  # said before a resume
         self.student, self.sinfo = self._initial_student()
         # The teacher that teaches: the original, or its fine-tuned copy (distill.train_teacher).
         # The original stays the reference of the accuracy budget and of the reports.
@@ -345,6 +346,7 @@ class Loop:
                f"{'lower prune.round_to or ' if r and r > 1 else ''}prune fewer ignored_layers to go further")
         ctx.reporter.warn(msg)
         ctx.warnings.append(msg)
+        state.warnings.append(msg)
         state.pruning_done = True
         ctx.rd.write_json("state.json", asdict(state))
 

@@ -67,6 +67,7 @@ class State:
     undone: int = 0  # attempts undone so far (at most prune.max_retries)
     held_ratio: float | None = None  # the largest cut that held: the smallest MACs after/before of a kept step
     failed_ratio: float | None = None  # the MACs after/before of the last undone attempt
+    warnings: list = field(default_factory=list)  # the loop's warnings, for the reports of a resumed run too
 
 
 class RunDir:
