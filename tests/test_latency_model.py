@@ -246,6 +246,37 @@ def test_under_a_latency_aim_measured_damage_decides_not_magnitude(monkeypatch):
     assert plans["measured"].get("b") and not plans["measured"].get("a"), plans
 
 
+def test_a_table_plan_that_times_over_its_aim_is_planned_again(tmp_path, monkeypatch):
+    """HALP's plan on the layer table, timed whole: where the whole model runs widths off a
+    block of 16 at 1.5 times what the table says (a runtime's layout conversions), the plan
+    misses the aim; the step plans again for an aim corrected by the table's error, and the
+    plan it returns times under the aim. Without the corrections it does not."""
+    import kdcli.dkdp.speed as S
+
+    def whole(sig: LayerSig) -> float:
+        return mac_clock(sig) * (1.5 if sig.op == "conv" and sig.cout % 16 else 1.0)
+
+    measure = _whole_model_clock(monkeypatch, whole)
+    monkeypatch.setattr(LM, "time_layer", lambda sig, **_: mac_clock(sig))
+    timed = {}
+    for corrections in (0, S.CORRECTIONS):
+        monkeypatch.setattr(S, "CORRECTIONS", corrections)
+        teacher, ex = _tiny()
+        student = _tiny()[0]
+        t_ms = measure({"t": teacher}, (3, 8, 8), 16)["t"]["median_ms"]
+        target = Target.of(TargetSpec(speedup=1.6, batch_size=16), teacher_macs=1, teacher_params=1,
+                           teacher_accuracy=0.9, teacher_latency_ms=t_ms)
+        step = S.SpeedStep(target, tmp_path / str(corrections), teacher, (3, 8, 8), 1, 1.0, last=True)
+        (tmp_path / str(corrections)).mkdir()
+        p = StructuredPruner(student, ex, round_to=8)
+        _, plan = step.plan(p, p.score(), aim_macs=float("inf"))
+        p.apply(plan)
+        timed[corrections] = measure({"s": student}, (3, 8, 8), 16)["s"]["median_ms"]
+        assert step.predicted == pytest.approx(timed[corrections])  # what the step records is the timing
+    assert timed[0] > step.aim  # the table alone promised too much
+    assert timed[S.CORRECTIONS] <= step.aim
+
+
 # ----------------------------------------------------------------------------- the target
 
 

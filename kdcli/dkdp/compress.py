@@ -50,10 +50,9 @@ from kdcli.analyze.sensitivity import pruning_sensitivity, suggest_ratios
 from kdcli.data.loader import memorised_warning, DataBundle, load_data
 from kdcli.distill.distil import distil
 from kdcli.dkdp.run import RunDir, RunLock, StepRecord, resume_recipe, start_run
-from kdcli.dkdp.speed import SpeedStep, reference_latency_ms, student_latency_ms
+from kdcli.dkdp.speed import CONTEXT_BUDGET_S, SpeedStep, reference_latency_ms, student_latency_ms, timed_fraction
 from kdcli.dkdp.target import Target
 from kdcli.errors import InputError, TrainingDiverged
-from kdcli.export import latency_model  # module attributes, read at call time (tests replace the timing)
 from kdcli.export.latency_model import LatencyModel, LatencyPlan
 from kdcli.models import absolute_spec, build_model
 from kdcli.models.file import ModelInfo, data_metadata, export_info, load_model_any, recipe_models, save_model
@@ -631,7 +630,6 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
     return float(tau), pruner.history()
 
 
-CONTEXT_BUDGET_S = 0.3  # seconds of timed runs per whole-model timing of a candidate plan
 NO_SAVING = 1e12  # the priority of a candidate that saves no time (or only noise): taken last
 
 
@@ -710,21 +708,14 @@ class _Sensitivity:
         pruner, scores, student = self.pruner, self.scores, self.student
         curves = self._curves_of("macs", lambda: count_macs_params(student, pruner.example)[0])
         base = copy.deepcopy(student).eval()
-        shape, batch = tuple(pruner.example.shape[1:]), lm.batch
         now = lm.predict()  # calibrated: what the step measured
         goal = float(aim_ms) / now if now > 0 else 1.0
         timings = 0
 
         def fraction(plan: dict) -> float:
             nonlocal timings
-            if not any(plan.values()):
-                return 1.0
-            with pruner.trial(plan, check=False):
-                trial = copy.deepcopy(student).eval()
-            timings += 1
-            lat = latency_model.measure_models({"now": base, "plan": trial}, shape, batch, threads=lm.table.threads,
-                                               time_budget_s=time_budget_s)
-            return float(lat["plan"]["median_ms"]) / float(lat["now"]["median_ms"])
+            timings += 1 if any(plan.values()) else 0
+            return timed_fraction(pruner, plan, lm.batch, lm.table.threads, base, time_budget_s)
 
         at: dict[str, int] = {g: -1 for g in curves}  # index of each group's ratio in its curve
         plan: dict[str, list[int]] = {}

@@ -17,6 +17,7 @@ Timing is onnxruntime's on this machine with the recipe's ``export.threads`` int
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from kdcli.export.latency_model import LUT_FILE, LatencyModel, LatencyPlan, Late
 MARGIN = 0.03  # a step that aims at the target aims this much under it: the final measurement is noisy
 TIME_BUDGET_S = 1.0  # seconds of timed runs per measurement in the loop (the export report takes its own)
 NOISE_CAP = 0.10  # the most the loop's latency is raised for its measurement noise
+CONTEXT_BUDGET_S = 0.3  # seconds of timed runs per whole-model timing of a candidate plan
+CORRECTIONS = 3  # times a table's plan that timed over its aim is planned again for a corrected aim
 
 
 def reference_latency_ms(teacher: nn.Module, input_shape: Sequence[int], batch_size: int,
@@ -58,6 +61,22 @@ def student_latency_ms(student: nn.Module, teacher: nn.Module, target: Target, i
     t, s = lat["teacher"], lat["student"]
     rel = math.hypot(_rel_spread(t), _rel_spread(s))
     return float(target.teacher_latency_ms * s["median_ms"] / t["median_ms"]) * (1 + min(rel, NOISE_CAP))
+
+
+def timed_fraction(pruner, plan: dict, batch_size: int, threads: int | None = None, base: nn.Module | None = None,
+                   time_budget_s: float = CONTEXT_BUDGET_S) -> float:
+    """The latency of ``pruner``'s model with ``plan`` applied over its latency as it is now
+    (``base``: a copy of it, when the caller holds one): both exported and timed whole in
+    onnxruntime, alternately, at ``batch_size``; 1.0 for an empty plan. What a layer table
+    cannot see (the runtime's layout conversions between layers) is in it."""
+    if not any(plan.values()):
+        return 1.0
+    base = base if base is not None else copy.deepcopy(pruner.model).eval()
+    with pruner.trial(plan, check=False):
+        trial = copy.deepcopy(pruner.model).eval()
+    lat = latency_model.measure_models({"now": base, "plan": trial}, tuple(pruner.example.shape[1:]), batch_size,
+                                       threads=threads, time_budget_s=time_budget_s)
+    return float(lat["plan"]["median_ms"]) / float(lat["now"]["median_ms"])
 
 
 def _rel_spread(stats: dict) -> float:
@@ -121,6 +140,7 @@ class SpeedStep:
         table = LatencyTable(Path(self.run_dir) / LUT_FILE, threads=self.threads)
         model = LatencyModel(pruner.model, pruner.example, table, self.target.batch_size)
         model.calibrate(current)
+        table_plan = planner is None
         planner = planner or (lambda lm, aim_ms: plan_for_latency(pruner, scores, aim_ms, lm))
         result = planner(model, aim)
         for _ in range(10):
@@ -128,6 +148,24 @@ class SpeedStep:
                 break
             aim += (current - aim) * 0.3  # the undone attempt's cut held no more: cut less
             result = planner(model, aim)
+        timed_note = ""
+        if table_plan and result.plan:  # the table's plan, timed whole: aim again where the table was wrong
+            base = copy.deepcopy(pruner.model).eval()
+            timed = current * timed_fraction(pruner, result.plan, self.target.batch_size, self.threads, base)
+            tried, fed = [(timed, result)], aim
+            for _ in range(CORRECTIONS):
+                if timed <= aim:
+                    break
+                fed *= aim / timed * (1 - MARGIN)  # the table's error, as a proportion, on the aim it was given
+                result = planner(model, fed)
+                timed = current * timed_fraction(pruner, result.plan, self.target.batch_size, self.threads, base)
+                tried.append((timed, result))
+            # the least cut that times under the aim, else the fastest (the table's choices do not
+            # move monotonically with its aim where its error depends on the widths it picks)
+            under = [t for t in tried if t[0] <= aim]
+            timed, result = max(under, key=lambda t: t[0]) if under else min(tried, key=lambda t: t[0])
+            result.predicted_ms = timed
+            timed_note = f"; its plan timed whole, {len(tried)} plan{'s' if len(tried) > 1 else ''} tried"
         plan = result.plan
         self.aim, self.predicted = float(aim), float(result.predicted_ms)
         if self.target.macs is not None and pruner.plan_macs(plan) > aim_macs:
@@ -136,5 +174,5 @@ class SpeedStep:
             reporter.info(f"step {k}: latency {current:.3f} ms at batch {self.target.batch_size} → aim {aim:.3f} ms, "
                           f"predicted {result.predicted_ms:.3f} ms ("
                           + (result.how or f"lookup table: {len(table)} layer timings, {table.measured} new; "
-                                           f"calibration ×{model.scale:.3g}") + ")")
+                                           f"calibration ×{model.scale:.3g}{timed_note}") + ")")
         return result.tau, plan
