@@ -674,7 +674,8 @@ def main() -> None:
     # the baseline does not depend on kdcli's importance and allocation: its cells are shared by
     # every kdcli setting of the same budget (and reused only for the same epoch count)
     b_settings = {k: v for k, v in settings.items() if k not in ("importance", "allocation", "kdcli_set")}
-    b_settings["set"] = [o for o in args.set if not o.startswith("prune.")]  # kdcli's own settings
+    # kdcli's own settings (the baseline prunes once to target.macs, whatever kdcli's target adds)
+    b_settings["set"] = [o for o in args.set if not o.startswith(("prune.", "target."))]
     b_key = hashlib.sha256(json.dumps(b_settings, sort_keys=True).encode()).hexdigest()[:12]
     cells = Cells(cache_dir, shared=Cells(cache_dir.parent / f"pretrained_cifar-{budget_name}-baseline-{b_key}"))
     log.info(f"pretrained_cifar: budget {budget_name}, {len(models)} models x {len(targets)} targets x "
