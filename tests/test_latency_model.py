@@ -167,12 +167,15 @@ def _whole_model_clock(monkeypatch, timer) -> Callable:
     """Whole-model timings (``measure_models``) replaced by a deterministic clock: the sum of
     ``timer`` over the model's conv/linear layers plus a constant."""
 
-    def measure_models(models, input_shape, batch_size, **_):
+    def measure_models(models, input_shape, batch_size, threads=None, **_):
+        measure_models.threads.append(threads)
         out = {}
         for name, m in models.items():
             lm = LatencyModel(m, torch.zeros(1, *input_shape), LatencyTable(None, timer=timer), batch_size)
             out[name] = {"median_ms": 0.01 + lm.raw(), "p25_ms": 0.0, "p75_ms": 0.0}
         return out
+
+    measure_models.threads = []  # the thread count each measurement asked for
 
     monkeypatch.setattr(LM, "measure_models", measure_models)
     return measure_models
@@ -387,7 +390,7 @@ def _fake_clocks(monkeypatch, slow_export: bool = False):
     report times the student at twice the teacher."""
     import kdcli.export.onnx as E
 
-    _whole_model_clock(monkeypatch, mac_clock)
+    measure = _whole_model_clock(monkeypatch, mac_clock)
     monkeypatch.setattr(LM, "time_layer", lambda sig, **_: mac_clock(sig))
     if slow_export:
         real = E.measure_latency
@@ -402,6 +405,7 @@ def _fake_clocks(monkeypatch, slow_export: bool = False):
             return lat
 
         monkeypatch.setattr(E, "measure_latency", measure_latency)
+    return measure
 
 
 FAST = ["teacher.train.epochs=6", "distill.train.epochs=1", "prune.final_epochs=0", "device=cpu",
@@ -411,10 +415,10 @@ FAST = ["teacher.train.epochs=6", "distill.train.epochs=1", "prune.final_epochs=
 def test_a_speedup_target_drives_the_loop_on_the_lookup_table(tmp_path, monkeypatch):
     import kdcli.dkdp.compress as C
 
-    _fake_clocks(monkeypatch)
+    measure = _fake_clocks(monkeypatch)
     recipe, run_dir = C.start_run(builtin_recipe_path("quickstart"), out_dir=tmp_path / "run",
                                   overrides=[*FAST, "export.enabled=false", "target.macs=null", "target.speedup=2",
-                                             "export.batch_sizes=[1, 16]", "prune.steps=2"])
+                                             "export.batch_sizes=[1, 16]", "prune.steps=2", "export.threads=1"])
     infos = []
 
     class Rec:
@@ -437,6 +441,9 @@ def test_a_speedup_target_drives_the_loop_on_the_lookup_table(tmp_path, monkeypa
     (entries,) = table.values()
     assert entries and all(k.endswith(" b16") for k in entries)  # measured at the target's batch size
     assert res.student["macs"] < res.teacher["macs"]
+    # every measurement of the loop at export.threads, as the export report that judges the run
+    assert measure.threads and set(measure.threads) == {1}
+    assert all(key.endswith("; 1 threads") for key in table), list(table)
 
 
 def test_a_speed_target_with_the_measured_allocation_plans_on_damage_per_millisecond(tmp_path, monkeypatch):
