@@ -735,6 +735,11 @@ class _Sensitivity:
         def macs_ok(p: dict) -> bool:
             return aim_macs is None or pruner.plan_macs(p) <= aim_macs
 
+        def priority(damage: float, after: float) -> float:
+            """Damage per fraction of the latency saved; a step that saves none (or noise) comes last."""
+            saved = cur - after
+            return damage / saved if saved > 1e-3 else NO_SAVING * (1 + damage)
+
         while not (cur <= goal and macs_ok(plan)):
             steps = {g: st for g in curves if (st := step_of(g)) is not None}
             if not steps:
@@ -753,16 +758,14 @@ class _Sensitivity:
                 for g, (_, nxt, d) in steps.items():
                     if g not in seen:
                         seen[g] = (fraction(nxt), version)
-                    saved = cur - seen[g][0]
-                    keyed.append((d / saved if saved > 1e-3 else NO_SAVING * (1 + d), g))
+                    keyed.append((priority(d, seen[g][0]), g))
                 keyed.sort()
                 g = keyed[0][1]
                 if seen[g][1] == version or len(keyed) == 1:
                     break
                 # timed before the last raise: time it again in the plan as it is now
                 seen[g] = (fraction(steps[g][1]), version)
-                saved = cur - seen[g][0]
-                if (steps[g][2] / saved if saved > 1e-3 else NO_SAVING * (1 + steps[g][2])) <= keyed[1][0]:
+                if priority(steps[g][2], seen[g][0]) <= keyed[1][0]:
                     break
             i, plan, _ = steps[g]
             at[g] = i
@@ -770,7 +773,7 @@ class _Sensitivity:
             version += 1
         if not macs_ok(plan):
             plan = pruner.take_to_macs(scores, plan, aim_macs)
-        final = fraction(plan) if plan else 1.0
+        final = fraction(plan)
         damage = sum(-curves[g][i]["accuracy"] for g, i in at.items() if i >= 0)
         return LatencyPlan(plan, float(damage), now, final * now, float(aim_ms), timings,
                            f"damage per ms, measured in context: {timings} whole-model timings")
