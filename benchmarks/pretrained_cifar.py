@@ -753,7 +753,10 @@ def main() -> None:
                    **({"timings": budget["timings"]} if "timings" in budget else {})},
         "settings": {"models": models, "targets": targets, "seeds": seeds, "device": device,
                      "kdcli": {"importance": args.importance, "allocation": args.allocation, "round_to": args.round_to,
-                               "losses": KDCLI_LOSSES[args.kdcli_losses], "max_accuracy_drop": 0.015,
+                               # the losses in effect: a --kdcli-set distill.losses (the last one) wins
+                               "losses": next((o.split("=", 1)[1] for o in reversed(args.kdcli_set)
+                                               if o.startswith("distill.losses=")), KDCLI_LOSSES[args.kdcli_losses]),
+                               "max_accuracy_drop": 0.015,
                                "set": args.set, "kdcli_set": args.kdcli_set},
                      "baseline": {"pruner": "tp.pruner.MagnitudePruner, MagnitudeImportance(p=2), all pruning "
                                             "before training (one step(), or iterative_steps 4 at once where one "
