@@ -649,7 +649,7 @@ class _Sensitivity:
     step's lookup table predicts (:meth:`for_latency`: damage per millisecond saved, with the MACs
     aim as a second condition when the target has one). Layers do not cost per MAC (onnxruntime's
     convolutions at full resolution and few channels run slower per MAC than narrow late ones,
-    and widths off the kernels' channel block run on a slower path), so the two can choose
+    and widths below the kernels' channel block run on another path), so the two can choose
     different structures for the same MACs."""
 
     def __init__(self, pruner: StructuredPruner, scores: dict, student: nn.Module, batches: list, ratios):
@@ -699,8 +699,9 @@ class _Sensitivity:
         on top of the plan so far) is exported and timed whole in onnxruntime, alternately with
         the student as it is now, at the target's batch size; a lookup table of single layers
         cannot see what the runtime does between layers (onnxruntime's blocked NCHWc layout: a
-        width under the block, or off it, costs reorders on both sides, so halving ResNet-20's
-        first-stage convolutions saves a fraction of what their timings alone promise). Lazy, as
+        width under its block of channels runs on another path, with reorders on both sides; on
+        an AVX-512 host the table was 10-18 % optimistic for ResNet-20 plans with 8-channel
+        first-stage convolutions, ``benchmarks/latency_fidelity.py``). Lazy, as
         in HALP's greedy: a candidate's saving is timed again only when it comes first with a
         saving measured before the last raise. Once the latency holds, a MACs aim still unmet
         is served by damage per MAC (exact counts, no timing). The plan goes as far as the
