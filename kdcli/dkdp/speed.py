@@ -152,14 +152,21 @@ class SpeedStep:
         if table_plan and result.plan:  # the table's plan, timed whole: aim again where the table was wrong
             base = copy.deepcopy(pruner.model).eval()
             timed = current * timed_fraction(pruner, result.plan, self.target.batch_size, self.threads, base)
-            tried, fed = [(timed, result)], aim
+            tried, fed, over, under = [(timed, result)], aim, aim, None  # aims given: timed over / under
             for _ in range(CORRECTIONS):
-                if timed <= aim:
-                    break
-                fed *= aim / timed * (1 - MARGIN)  # the table's error, as a proportion, on the aim it was given
+                if under is None:
+                    if timed <= aim:
+                        break
+                    fed = fed * aim / timed * (1 - MARGIN)  # the table's error, as a proportion, on its aim
+                else:  # one aim timed over, one under: halve the interval (the under plan is kept)
+                    fed = (over + under) / 2
                 result = planner(model, fed)
                 timed = current * timed_fraction(pruner, result.plan, self.target.batch_size, self.threads, base)
                 tried.append((timed, result))
+                if timed <= aim:
+                    under = fed if under is None else max(under, fed)
+                else:
+                    over = min(over, fed)
             # the least cut that times under the aim, else the fastest (the table's choices do not
             # move monotonically with its aim where its error depends on the widths it picks)
             under = [t for t in tried if t[0] <= aim]
