@@ -700,7 +700,7 @@ class _Sensitivity:
         the student as it is now, at the target's batch size; a lookup table of single layers
         cannot see what the runtime does between layers (onnxruntime's blocked NCHWc layout: a
         width under its block of channels runs on another path, with reorders on both sides; on
-        an AVX-512 host the table was 10-18 % optimistic for ResNet-20 plans with 8-channel
+        an AVX-512 host the table was 7-18 % optimistic for ResNet-20 plans with 8-channel
         first-stage convolutions, ``benchmarks/latency_fidelity.py``). Lazy, as
         in HALP's greedy: a candidate's saving is timed again only when it comes first with a
         saving measured before the last raise. Once the latency holds, a MACs aim still unmet
