@@ -108,7 +108,7 @@ def main() -> None:
         plans["table-corrected"] = (student, p, lm, step.plan(p, scores, aim_macs=float("inf"))[1])
     student, p, scores, lm = fresh()
     plans["measured"] = (student, p, lm, _Sensitivity(p, scores, student, batches, [0.25, 0.5, 0.75]).for_latency(
-        lm, aim, None).plan)
+        t_ms, aim, None, args.batch, threads).plan)
 
     rows = {}
     for name, (student, p, lm, plan) in plans.items():

@@ -328,8 +328,7 @@ def pruning_sensitivity(pruner, groups: Sequence[str], scores: dict[str, torch.T
 
 
 def suggest_ratios(curves: dict[str, list[dict]], *, baseline_accuracy: float, total_macs: int,
-                   target_macs: float, macs_of: Callable[[dict[str, float]], int] | None = None,
-                   also: Callable[[dict[str, float]], bool] | None = None) -> dict:
+                   target_macs: float, macs_of: Callable[[dict[str, float]], int] | None = None) -> dict:
     """Per-group pruning ratios predicted to reach ``target_macs`` (a fraction of ``total_macs``
     when ≤ 1, else an absolute count) with the least predicted accuracy loss.
 
@@ -342,16 +341,11 @@ def suggest_ratios(curves: dict[str, list[dict]], *, baseline_accuracy: float, t
     curve: the group whose step adds the smallest loss per MAC saved on its curve (a loss below
     zero counts as zero; ties go to the larger saving, then the group name), until the predicted
     MACs reach the target or no group can move. One step at a time, so the result overshoots
-    the target by at most one step of one group. Groups left at ratio 0 are not in ``ratios``.
-
-    The "MACs" may be another cost of the same kind (``compress`` passes a latency predicted on a
-    lookup table, for a speed target: least loss per millisecond saved); ``also(ratios)``, when
-    given, is a second condition the greedy goes on until it holds too (the MACs aim beside a
-    latency aim)."""
+    the target by at most one step of one group. Groups left at ratio 0 are not in ``ratios``."""
     goal = target_macs * total_macs if target_macs <= 1 else float(target_macs)
     at = {g: (0.0, baseline_accuracy, total_macs) for g in curves}  # (ratio, accuracy, macs)
     predicted = float(total_macs)
-    while predicted > goal or (also is not None and not also({k: r for k, (r, _, _) in at.items() if r > 0})):
+    while predicted > goal:
         best = None
         for g in sorted(curves):
             r0, a0, m0 = at[g]
@@ -378,7 +372,7 @@ def suggest_ratios(curves: dict[str, list[dict]], *, baseline_accuracy: float, t
             "predicted_macs": int(round(predicted)),
             "predicted_macs_fraction": predicted / total_macs if total_macs else 1.0,
             "predicted_accuracy": baseline_accuracy - loss,
-            "reached": predicted <= goal and (also is None or also({k: r for k, (r, _, _) in at.items() if r > 0})),
+            "reached": predicted <= goal,
             "method": "greedy: smallest predicted accuracy loss per MAC saved, one ratio step at a time; "
                       "losses add over groups; MACs " + ("counted for the combined plan" if macs_of else
                                                          "savings add over groups")}

@@ -53,7 +53,7 @@ from kdcli.dkdp.run import RunDir, RunLock, StepRecord, resume_recipe, start_run
 from kdcli.dkdp.speed import CONTEXT_BUDGET_S, SpeedStep, reference_latency_ms, student_latency_ms, timed_fraction
 from kdcli.dkdp.target import Target
 from kdcli.errors import InputError, TrainingDiverged
-from kdcli.export.latency_model import LatencyModel, LatencyPlan
+from kdcli.export.latency_model import NO_SAVING, LatencyPlan
 from kdcli.models import absolute_spec, build_model
 from kdcli.models.file import ModelInfo, data_metadata, export_info, load_model_any, recipe_models, save_model
 from kdcli.models.utils import first_tensor, is_main_process
@@ -137,8 +137,7 @@ class Context:
     target: Target
     granularity: object | None
     prune: bool  # whether steps prune at all (a declared student may be distilled only)
-    # about the choice of data, and a pruning stopped early (shown in the reports)
-    warnings: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # about the choice of data (the loop's own: State.warnings)
     tracker: Tracker | None = None  # run tracking (--log): steps as recorded; epochs come through the reporter
 
     @classmethod
@@ -200,8 +199,8 @@ class Context:
     def latency_ms(self, student: nn.Module) -> float | None:
         """The student's onnxruntime latency (ms at ``target.batch_size``, in the target's terms:
         :func:`kdcli.dkdp.speed.student_latency_ms`), when the target asks for latency or speed-up."""
-        return (student_latency_ms(student, self.teacher, self.target, self.data.input_shape, self.recipe.export.threads)
-                if self.target.asks_speed else None)
+        return (student_latency_ms(student, self.teacher, self.target, self.data.input_shape,
+                                   self.recipe.export.threads) if self.target.asks_speed else None)
 
 
 @dataclass
@@ -233,7 +232,6 @@ class Loop:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.state = ctx.rd.load_state()
-        ctx.warnings.extend(w for w in self.state.warnings if w not in ctx.warnings)  # said before a resume
         self.student, self.sinfo = self._initial_student()
         # The teacher that teaches: the original, or its fine-tuned copy (distill.train_teacher).
         # The original stays the reference of the accuracy budget and of the reports.
@@ -344,7 +342,6 @@ class Loop:
                f"MACs no group can lose {block}, or the allocation takes none); pruning stops here: "
                f"{'lower prune.round_to or ' if r and r > 1 else ''}prune fewer ignored_layers to go further")
         ctx.reporter.warn(msg)
-        ctx.warnings.append(msg)
         state.warnings.append(msg)
         state.pruning_done = True
         ctx.rd.write_json("state.json", asdict(state))
@@ -463,7 +460,7 @@ class Loop:
         result = CompressResult(ctx.rd.path, ctx.teacher_summary, summary, state.records, not failures, failures,
                                 vid_lambda=state.vid_lambda.get(chosen),
                                 data={"splits": ctx.data.splits, "normalization": ctx.data.normalization(),
-                                      "warnings": ctx.warnings})
+                                      "warnings": ctx.warnings + state.warnings})
         if do_export:
             result.export, gate_failures = distributed.on_main(_export, ctx, student, sinfo)  # rank 0 exports
             if t.asks_speed:  # the export report's measurement judges a latency or speed-up target
@@ -607,10 +604,12 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
         pruner.prune_ratios(ratios, scores)
         return None, pruner.history()
     measured = _Sensitivity(pruner, scores, student, batches, recipe.prune.sensitivity_ratios) if sensitive else None
-    if speed is not None:  # a latency target: importance (or measured damage) per ms saved, on a lookup table
+    if speed is not None:  # a latency target: importance per ms on the lookup table, or measured damage per ms timed
         macs_aim = aim_macs if recipe.target.macs is not None else None
         tau, plan = speed.plan(pruner, scores, aim_macs, failed_macs, reporter, k,
-                               planner=(lambda lm, aim_ms: measured.for_latency(lm, aim_ms, macs_aim)) if sensitive else None,
+                               planner=(lambda now_ms, aim_ms: measured.for_latency(
+                                   now_ms, aim_ms, macs_aim, speed.target.batch_size, speed.threads))
+                               if sensitive else None,
                                for_macs=(lambda: measured.for_macs(aim_macs)) if sensitive else None)
     elif recipe.prune.allocation == "uniform":
         tau, plan = pruner.plan_uniform(scores, aim_macs)
@@ -630,9 +629,6 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
     return float(tau), pruner.history()
 
 
-NO_SAVING = 1e12  # the priority of a candidate that saves no time (or only noise): taken last
-
-
 class _Sensitivity:
     """``prune.allocation: sensitivity`` for one step: every group pruned alone at each of
     ``ratios`` (lowest scores first), the damage measured as the KL divergence of the pruned
@@ -643,10 +639,10 @@ class _Sensitivity:
     taken away to land just under the aim. Where the residual stream of a ResNet is prunable this
     learns what a uniform cut cannot: on the CIFAR ResNet-20, half a stage's stream costs 66
     points of accuracy alone and half an inner convolution 0.4 (``kdcli analyze``). The cost is
-    one forward pass over the score batches per group and distinct ratio, once per kind of cost.
+    one forward pass over the score batches per group and distinct ratio.
 
-    The cost is MACs (:meth:`for_macs`) or, for a latency or speed-up target, the latency the
-    step's lookup table predicts (:meth:`for_latency`: damage per millisecond saved, with the MACs
+    The cost is MACs (:meth:`for_macs`) or, for a latency or speed-up target, the latency of
+    each candidate timed whole (:meth:`for_latency`: damage per millisecond saved, with the MACs
     aim as a second condition when the target has one). Layers do not cost per MAC (onnxruntime's
     convolutions at full resolution and few channels run slower per MAC than narrow late ones,
     and widths below the kernels' channel block run on another path), so the two can choose
@@ -658,7 +654,7 @@ class _Sensitivity:
         with torch.no_grad():
             student.eval()
             self.reference = [torch.log_softmax(first_tensor(student(x)).float(), dim=1) for x in self.inputs]
-        self._curves: dict[str, dict] = {}
+        self._measured: dict | None = None
 
     def _negative_damage(self) -> float:
         total = 0.0
@@ -671,17 +667,19 @@ class _Sensitivity:
         total, n = distributed.sum_over_ranks(torch.tensor([total, float(sum(len(x) for x in self.inputs))])).tolist()
         return -total / max(n, 1)
 
-    def _curves_of(self, kind: str, cost_fn) -> dict:
-        if kind not in self._curves:
+    def _curves(self) -> dict:
+        """Each group's damage and MACs at each ratio, measured once per step."""
+        if self._measured is None:
             groups = [g for g in self.pruner.groups if g in self.scores]
-            self._curves[kind] = pruning_sensitivity(self.pruner, groups, self.scores, self.ratios,
-                                                     evaluate_fn=self._negative_damage, macs_fn=cost_fn)
-        return self._curves[kind]
+            self._measured = pruning_sensitivity(
+                self.pruner, groups, self.scores, self.ratios, evaluate_fn=self._negative_damage,
+                macs_fn=lambda: count_macs_params(self.student, self.pruner.example)[0])
+        return self._measured
 
     def for_macs(self, aim_macs: float) -> tuple[float, dict[str, list[int]]]:
         """(predicted damage, plan) at or just under ``aim_macs``."""
         pruner, scores = self.pruner, self.scores
-        curves = self._curves_of("macs", lambda: count_macs_params(self.student, pruner.example)[0])
+        curves = self._curves()
         total = count_macs_params(self.student, pruner.example)[0]
         suggestion = suggest_ratios(curves, baseline_accuracy=0.0, total_macs=total, target_macs=float(aim_macs),
                                     macs_of=lambda r: pruner.plan_macs(pruner.plan_ratios(r, scores)))
@@ -690,33 +688,32 @@ class _Sensitivity:
                 else pruner.take_to_macs(scores, plan, aim_macs))
         return -float(suggestion["predicted_accuracy"]), plan
 
-    def for_latency(self, lm: LatencyModel, aim_ms: float, aim_macs: float | None,
-                    time_budget_s: float = CONTEXT_BUDGET_S) -> LatencyPlan:
-        """The plan whose latency is at or just under ``aim_ms`` (calibrated ms of ``lm``: the
-        student as it is now predicts the latency the step measured), and whose MACs are at or
-        under ``aim_macs`` when given: the measured allocation's greedy with **damage per
-        millisecond saved, measured in context**. Each candidate (a group raised to its next ratio
-        on top of the plan so far) is exported and timed whole in onnxruntime, alternately with
-        the student as it is now, at the target's batch size; a lookup table of single layers
+    def for_latency(self, now_ms: float, aim_ms: float, aim_macs: float | None, batch_size: int,
+                    threads: int | None = None, time_budget_s: float = CONTEXT_BUDGET_S) -> LatencyPlan:
+        """The plan whose latency is at or just under ``aim_ms`` (``now_ms``: the student's as
+        the step measured it), and whose MACs are at or under ``aim_macs`` when given: the
+        measured allocation's greedy with **damage per millisecond saved, measured in context**.
+        Each candidate (a group raised to its next ratio on top of the plan so far) is exported
+        and timed whole in onnxruntime (``threads``), alternately with the student as it is now,
+        at ``batch_size``; a lookup table of single layers
         cannot see what the runtime does between layers (onnxruntime's blocked NCHWc layout: a
         width under its block of channels runs on another path, with reorders on both sides; on
-        an AVX-512 host the table was 7-18 % optimistic for ResNet-20 plans with 8-channel
-        first-stage convolutions, ``benchmarks/latency_fidelity.py``). Lazy, as
-        in HALP's greedy: a candidate's saving is timed again only when it comes first with a
+        an AVX-512 host the table was 3-18 % (median 10 %) optimistic for ResNet-20 plans with
+        8-channel first-stage convolutions, ``benchmarks/latency_fidelity.py``). Lazy, as in
+        HALP's greedy: a candidate's saving is timed again only when it comes first with a
         saving measured before the last raise. Once the latency holds, a MACs aim still unmet
         is served by damage per MAC (exact counts, no timing). The plan goes as far as the
         ratios allow when the aims are out of reach."""
         pruner, scores, student = self.pruner, self.scores, self.student
-        curves = self._curves_of("macs", lambda: count_macs_params(student, pruner.example)[0])
+        curves = self._curves()
         base = copy.deepcopy(student).eval()
-        now = lm.predict()  # calibrated: what the step measured
-        goal = float(aim_ms) / now if now > 0 else 1.0
+        goal = float(aim_ms) / now_ms if now_ms > 0 else 1.0
         timings = 0
 
         def fraction(plan: dict) -> float:
             nonlocal timings
             timings += 1 if any(plan.values()) else 0
-            return timed_fraction(pruner, plan, lm.batch, lm.table.threads, base, time_budget_s)
+            return timed_fraction(pruner, plan, batch_size, threads, base, time_budget_s)
 
         at: dict[str, int] = {g: -1 for g in curves}  # index of each group's ratio in its curve
         plan: dict[str, list[int]] = {}
@@ -776,7 +773,7 @@ class _Sensitivity:
             plan = pruner.take_to_macs(scores, plan, aim_macs)
         final = fraction(plan)
         damage = sum(-curves[g][i]["accuracy"] for g, i in at.items() if i >= 0)
-        return LatencyPlan(plan, float(damage), now, final * now, float(aim_ms), timings,
+        return LatencyPlan(plan, float(damage), now_ms, final * now_ms, float(aim_ms), timings,
                            f"damage per ms, measured in context: {timings} whole-model timings")
 
 

@@ -106,7 +106,7 @@ class SpeedStep:
     floor: float | None = None
     threads: int | None = None      # onnxruntime intra-op threads (export.threads; None: the process's cores)
     aim: float | None = None        # after plan(): the latency this step aimed at (ms; None: it served another target)
-    predicted: float | None = None  # after plan(): what the lookup table predicted for the plan taken (ms)
+    predicted: float | None = None  # after plan(): the plan's latency, timed whole (ms)
 
     def aim_ms(self, current_ms: float) -> float:
         """This step's latency aim from the measured ``current_ms``."""
@@ -121,15 +121,17 @@ class SpeedStep:
         return min(aim, current_ms)
 
     def plan(self, pruner, scores: dict, aim_macs: float, failed_macs: int | None = None,
-             reporter=None, k: int = 0, planner: Callable[[LatencyModel, float], LatencyPlan] | None = None,
+             reporter=None, k: int = 0, planner: Callable[[float, float], LatencyPlan] | None = None,
              for_macs: Callable[[], tuple[float, dict[str, list[int]]]] | None = None
              ) -> tuple[float, dict[str, list[int]]]:
         """(τ, plan) for this step: the plan whose predicted latency lands just under the aim,
         then, with a MACs target too, blocks taken away until the MACs aim holds; a retry after
-        an undone attempt (``failed_macs``) aims higher until its plan cuts less. ``planner(model,
-        aim_ms)`` chooses the plan on the calibrated latency model (default
-        :func:`~kdcli.export.latency_model.plan_for_latency`: importance per millisecond; compress
-        passes the measured allocation's, damage per millisecond, for ``allocation: sensitivity``).
+        an undone attempt (``failed_macs``) aims higher until its plan cuts less. ``planner(now_ms,
+        aim_ms)`` chooses the plan from the student's measured latency (compress passes the
+        measured allocation's, damage per millisecond timed whole, for ``allocation:
+        sensitivity``); without one, :func:`~kdcli.export.latency_model.plan_for_latency` on the
+        lookup table (importance per millisecond), its plan timed whole and planned again where
+        it misses the aim (up to ``CORRECTIONS`` times).
         ``for_macs()``: the plan of a step that serves a MACs target only, the latency target
         holding already (default :meth:`~kdcli.prune.pruner.StructuredPruner.plan_for_macs`)."""
         current = student_latency_ms(pruner.model, self.teacher, self.target, self.input_shape, self.threads)
@@ -137,41 +139,51 @@ class SpeedStep:
         if aim >= current:  # the latency target holds: the step serves the MACs (or parameters) target
             self.aim = self.predicted = None
             return for_macs() if for_macs is not None else pruner.plan_for_macs(scores, aim_macs)
-        table = LatencyTable(Path(self.run_dir) / LUT_FILE, threads=self.threads)
-        model = LatencyModel(pruner.model, pruner.example, table, self.target.batch_size)
-        model.calibrate(current)
-        table_plan = planner is None
-        planner = planner or (lambda lm, aim_ms: plan_for_latency(pruner, scores, aim_ms, lm))
-        result = planner(model, aim)
+        table = model = None
+        if planner is None:  # HALP on the lookup table, calibrated on the measured student
+            table = LatencyTable(Path(self.run_dir) / LUT_FILE, threads=self.threads)
+            model = LatencyModel(pruner.model, pruner.example, table, self.target.batch_size)
+            model.calibrate(current)
+
+            def plan_for(aim_ms: float) -> LatencyPlan:
+                return plan_for_latency(pruner, scores, aim_ms, model)
+        else:
+            def plan_for(aim_ms: float) -> LatencyPlan:
+                return planner(current, aim_ms)
+        result = plan_for(aim)
         for _ in range(10):
             if failed_macs is None or not result.plan or pruner.plan_macs(result.plan) > failed_macs:
                 break
             aim += (current - aim) * 0.3  # the undone attempt's cut held no more: cut less
-            result = planner(model, aim)
+            result = plan_for(aim)
         timed_note = ""
-        if table_plan and result.plan:  # the table's plan, timed whole: aim again where the table was wrong
+        if table is not None and result.plan:  # the table's plan, timed whole: aim again where the table was wrong
             base = copy.deepcopy(pruner.model).eval()
-            timed = current * timed_fraction(pruner, result.plan, self.target.batch_size, self.threads, base)
-            tried, fed, over, under = [(timed, result)], aim, aim, None  # aims given: timed over / under
+
+            def timed(p: dict) -> float:  # ms of the student with plan p, timed whole against it as it is
+                return current * timed_fraction(pruner, p, self.target.batch_size, self.threads, base)
+
+            spent = timed(result.plan)
+            tried, fed, over, under = [(spent, result)], aim, aim, None  # aims given: timed over / under
             for _ in range(CORRECTIONS):
                 if under is None:
-                    if timed <= aim:
+                    if spent <= aim:
                         break
-                    fed = fed * aim / timed * (1 - MARGIN)  # the table's error, as a proportion, on its aim
+                    fed = fed * aim / spent * (1 - MARGIN)  # the table's error, as a proportion, on its aim
                 else:  # one aim timed over, one under: halve the interval (the under plan is kept)
                     fed = (over + under) / 2
-                result = planner(model, fed)
-                timed = current * timed_fraction(pruner, result.plan, self.target.batch_size, self.threads, base)
-                tried.append((timed, result))
-                if timed <= aim:
+                result = plan_for(fed)
+                spent = timed(result.plan)
+                tried.append((spent, result))
+                if spent <= aim:
                     under = fed if under is None else max(under, fed)
                 else:
                     over = min(over, fed)
             # the least cut that times under the aim, else the fastest (the table's choices do not
             # move monotonically with its aim where its error depends on the widths it picks)
-            under = [t for t in tried if t[0] <= aim]
-            timed, result = max(under, key=lambda t: t[0]) if under else min(tried, key=lambda t: t[0])
-            result.predicted_ms = timed
+            fits = [t for t in tried if t[0] <= aim]
+            spent, result = max(fits, key=lambda t: t[0]) if fits else min(tried, key=lambda t: t[0])
+            result.predicted_ms = spent
             timed_note = f"; its plan timed whole, {len(tried)} plan{'s' if len(tried) > 1 else ''} tried"
         plan = result.plan
         self.aim, self.predicted = float(aim), float(result.predicted_ms)

@@ -52,7 +52,7 @@ LUT_FILE = "latency_lut.json"
 LUT_VERSION = 1
 PROVIDER = "CPUExecutionProvider"
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
-_NO_SAVING = 1e12  # priority of a block that saves no predicted time
+NO_SAVING = 1e12  # priority of a block (or candidate) that saves no time: taken last
 
 
 # ----------------------------------------------------------------------------- signatures
@@ -427,7 +427,7 @@ def plan_for_latency(pruner, scores: dict[str, torch.Tensor], aim_ms: float, mod
         n = len(vals)
         importance = float(vals[n - levels[g][i]:n - n_new].sum())
         # a block that saves no time (or only noise) comes last, the least important first
-        pri = importance / saved if saved > 1e-9 else _NO_SAVING * (1.0 + importance)
+        pri = importance / saved if saved > 1e-9 else NO_SAVING * (1.0 + importance)
         return pri, saved, j
 
     tau = 0.0
@@ -457,7 +457,7 @@ def plan_for_latency(pruner, scores: dict[str, torch.Tensor], aim_ms: float, mod
             removed[g] += levels[g][pos[g]] - levels[g][j]
             pos[g] = j
             total -= saved
-            if pri < _NO_SAVING:
+            if pri < NO_SAVING:
                 tau = pri
             nxt = candidate(g)
             if nxt is not None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch_pruning as tp
@@ -439,15 +439,13 @@ class StructuredPruner:
         return cands[hi]
 
     def fill_to_macs(self, scores: dict[str, torch.Tensor], plan: dict[str, list[int]], aim_macs: float,
-                     max_rounds: int = 256, fits: Callable[[dict[str, list[int]]], bool] | None = None
-                     ) -> dict[str, list[int]]:
+                     max_rounds: int = 256) -> dict[str, list[int]]:
         """``plan`` with removed channels given back, best-scoring first, while MACs stay at or
         below ``aim_macs``. One threshold moves in coarse steps where a channel is expensive (an
         early conv at full resolution, ``round_to`` blocks), so the plan ``tau_for_macs`` finds
         can land well below the aim; each round restores, in the group whose next block scores
         highest among those that still fit, ``round_to`` channels (1 without it, a group's
-        whole remainder when fewer are left). Greedy, about one MAC count per group per round.
-        ``fits(plan)``, when given, replaces "MACs at or below the aim" (a latency aim as well)."""
+        whole remainder when fewer are left). Greedy, about one MAC count per group per round."""
         self._check_scores(scores)
         plan = {k: sorted(int(i) for i in v) for k, v in plan.items() if len(v)}
         blocked: set[str] = set()
@@ -465,7 +463,7 @@ class StructuredPruner:
                 break
             _, name, back = max(cands, key=lambda c: c[0])
             trial = {**plan, name: [i for i in plan[name] if i not in back]}
-            if (fits(trial) if fits is not None else self.plan_macs(trial) <= aim_macs):
+            if self.plan_macs(trial) <= aim_macs:
                 plan = {k: v for k, v in trial.items() if v}
             else:
                 blocked.add(name)  # its next block does not fit; later blocks of it score lower
