@@ -385,9 +385,12 @@ def export(student: Path = typer.Argument(..., help="A kdcli model file (student
     if json_out:
         _emit_json({**report.to_json(), "gate_failures": failures})
     else:
-        from kdcli.reports.export import summary_table
+        from kdcli.reports.export import block_warning, summary_table
 
         rep.print_renderable(summary_table(report))
+        block = block_warning(report.latency.channel_block.model_dump() if report.latency.channel_block else None)
+        if block:
+            rep.warn(block)
         int8 = f", {out / report.student_int8.file}" if report.student_int8 else ""
         rep.info(f"written: {out / 'student.onnx'}{int8}, {out / 'report.md'}, {out / 'report.html'}")
     for r in results:  # a baseline gate's verdict, passed too: its reasoning (the noise band) belongs in the CI log

@@ -305,3 +305,63 @@ def test_bar_heatmap_histogram_and_table():
     assert "&lt;i&gt;" in table and '<td class="n">1.23</td>' in table and '<td class="n">7</td>' in table
     page = html_page("T <1>", table)
     assert page.startswith("<!DOCTYPE html>") and "<title>T &lt;1&gt;</title>" in page and "<style>" in page
+
+
+def _convnet(widths, seed=0):
+    torch.manual_seed(seed)
+    layers, c = [], SHAPE[0]
+    for w in widths:
+        layers += [torch.nn.Conv2d(c, w, 3, padding=1), torch.nn.ReLU()]
+        c = w
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, 3)).eval()
+
+
+@pytest.mark.parametrize("machine, capability, expected", [
+    ("x86_64", "AVX512", (16, "AVX-512")), ("AMD64", "AVX2", (8, "AVX2")), ("x86_64", "DEFAULT", None),
+    ("aarch64", "AVX512", None)])
+def test_the_channel_block_follows_the_cpu(monkeypatch, machine, capability, expected):
+    from kdcli.export.latency import cpu_channel_block
+
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu_channel_block() == expected
+
+
+def test_a_student_off_the_hosts_channel_block_is_warned_about_in_every_report(tmp_path, monkeypatch):
+    """onnxruntime runs a convolution in its blocked layout only when its output channels are a
+    multiple of the host's block (16 with AVX-512): the export report records the count of
+    convolutions off the block, and a student with more of them than its teacher gets one warning
+    line, in the export's notes and in compress's reports, naming the block and round_to."""
+    from kdcli.reports.compress import data_lines
+
+    monkeypatch.setattr("kdcli.export.onnx.cpu_channel_block", lambda: (16, "AVX-512"))
+    teacher, x = _convnet([16, 32, 48]), torch.randn(8, *SHAPE)
+    reports = {}
+    for name, widths in {"off": [8, 24, 48], "on": [16, 16, 32]}.items():
+        out = tmp_path / name
+        reports[name] = export_report(_convnet(widths), INFO, out, teacher=teacher, teacher_info=INFO, x_eval=x,
+                                      y_eval=teacher(x).argmax(1), batch_sizes=(1,), time_budget_s=0.01, threads=1)
+    off, on = reports["off"], reports["on"]
+    block = off.latency.channel_block
+    assert (block.channels, block.isa, block.convolutions, block.student_off, block.teacher_off) == (16, "AVX-512", 3, 2, 0)
+    line = next(n for n in off.notes if "channel block" in n)
+    assert line.startswith("student: 2 of 3 convolutions have output widths that are not a multiple of 16")
+    assert "(AVX-512; the teacher: 0)" in line and "prune.round_to: 16" in line
+    assert line in (tmp_path / "off" / "report.md").read_text()
+    assert load_report(tmp_path / "off" / "report.json").latency.channel_block == block
+    assert on.latency.channel_block.student_off == 0 and not any("channel block" in n for n in on.notes)
+
+    class Run:  # what compress's reports read: the run's export report as JSON
+        steps, data = [], {}
+
+        def __init__(self, report):
+            self.export = report.to_json()
+
+    assert f"warning: {line}" in data_lines(Run(off))
+    assert not any("channel block" in w for w in data_lines(Run(on)))
+
+
+def test_without_a_known_block_the_report_records_none(tmp_path, monkeypatch):
+    monkeypatch.setattr("kdcli.export.onnx.cpu_channel_block", lambda: None)
+    report = export_report(_convnet([8]), INFO, tmp_path, batch_sizes=(1,), time_budget_s=0.01, threads=1)
+    assert report.latency.channel_block is None and not any("channel block" in n for n in report.notes)

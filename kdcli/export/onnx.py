@@ -25,14 +25,14 @@ import torch.nn as nn
 import kdcli
 from kdcli.console import Reporter
 from kdcli.errors import ExportError, InputError, first_line
-from kdcli.export.latency import (available_providers, default_threads, make_session, measure_latency,
-                                  measure_torch_latency)
+from kdcli.export.latency import (available_providers, cpu_channel_block, default_threads, make_session,
+                                  measure_latency, measure_torch_latency, off_block_convs)
 from kdcli.config.recipe import QUANTIZE_METHODS
 from kdcli.export.graph import simplify
 from kdcli.export.quiet import quiet, quiet_stderr_fd
 from kdcli.files import atomic_write_bytes
 from kdcli.prune.pruner import count_macs_params
-from kdcli.reports.export import write_reports
+from kdcli.reports.export import block_warning, write_reports
 from kdcli.reports.gates import check_gates, parse_gates
 from kdcli.reports.models import PRIMARY_PROVIDER, REPORT_NAME, REPORT_VERSION, ExportReport
 
@@ -418,6 +418,10 @@ def _export_report(student, info, out_dir: Path, *, teacher, teacher_info, x_eva
     speedup = {}
     if t is not None:
         speedup = _speedups(ort_lat, "teacher", "student", batch_sizes)
+    block = _channel_block(student, teacher)
+    warning = block_warning(block)
+    if warning:
+        notes.append(warning)
     if int8:
         int8["speedup"] = _speedups(ort_lat, "teacher", INT8_ROLE, batch_sizes) if t is not None else {}
         int8["speedup_vs_student"] = _speedups(ort_lat, "student", INT8_ROLE, batch_sizes)
@@ -433,11 +437,24 @@ def _export_report(student, info, out_dir: Path, *, teacher, teacher_info, x_eva
         "latency": {"batch_sizes": batch_sizes, "time_budget_s": float(time_budget_s),
                     # CPU is the deployment target gates compare on, also where CUDA is present
                     "primary_provider": PRIMARY_PROVIDER, "onnxruntime": ort_lat, "pytorch": eager,
-                    "speedup": speedup},
+                    "speedup": speedup, "channel_block": block},
         "gates": {"expressions": gates, "failures": []}, "notes": notes})
     report.gates.failures = check_gates(report, gates, baseline, baseline_source)
     write_reports(report, out_dir)
     return report
+
+
+def _channel_block(student: nn.Module, teacher: nn.Module | None) -> dict | None:
+    """The report's ``latency.channel_block``: this host's onnxruntime channel block
+    (:func:`kdcli.export.latency.cpu_channel_block`) and the convolutions of each model off it;
+    None where the block is not known."""
+    found = cpu_channel_block()
+    if found is None:
+        return None
+    block, isa = found
+    off, total = off_block_convs(student, block)
+    return {"channels": block, "isa": isa, "convolutions": total, "student_off": off,
+            "teacher_off": off_block_convs(teacher, block)[0] if teacher is not None else None}
 
 
 def _n_threads(n: int) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kdcli.files import atomic_write_json, atomic_write_text
 from kdcli.reports.charts import heatmap, html_page, html_table, line_chart
+from kdcli.reports.export import block_warning
 from kdcli.reports.compress_model import SCHEMA_URI, SCHEMA_VERSION, check_compress_report
 from kdcli.reports.format import binary_size, integer, ms, pct, ratio
 
@@ -87,6 +88,11 @@ def slower_warning(result) -> str | None:
             "and aim at speed (target.speedup)")
 
 
+def _block_warning(result) -> str | None:
+    """:func:`kdcli.reports.export.block_warning` of the run's export report, or None."""
+    return block_warning(((result.export or {}).get("latency") or {}).get("channel_block"))
+
+
 def summary_rows(result) -> list[tuple[str, str, str]]:
     """(what, teacher, student) rows of the summary shown in the terminal and the reports."""
     t, s = result.teacher, result.student
@@ -120,6 +126,9 @@ def data_lines(result) -> list[str]:
     slow = slower_warning(result)
     if slow:
         lines.append(f"warning: {slow}")
+    block = _block_warning(result)
+    if block:
+        lines.append(f"warning: {block}")
     forced = [r for r in result.steps if r.get("forced")]
     lines += [f"warning: step {r['step']}: {r['forced']}" for r in forced]
     return lines
@@ -132,8 +141,8 @@ def summary_table(result):
 
     # Text, not markup: model specs and gate messages are the user's strings ("m[v2].py", "[/ms]")
     verdict = "target met" if result.target_met and not result.gate_failures else "; ".join(result.gate_failures)
-    slow = slower_warning(result)
-    table = Table(title="kdcli compress", caption=Text(verdict + (f"\nwarning: {slow}" if slow else "")))
+    warnings = [w for w in (slower_warning(result), _block_warning(result)) if w]
+    table = Table(title="kdcli compress", caption=Text("\n".join([verdict] + [f"warning: {w}" for w in warnings])))
     table.add_column("")
     table.add_column("teacher", justify="right")
     table.add_column("student", justify="right")

@@ -205,6 +205,20 @@ def render_html(report: ExportReport) -> str:
     return html_page(f"kdcli export report: {report.student.name}", "\n".join(body))
 
 
+def block_warning(block: dict | None) -> str | None:
+    """One line when the student has more convolutions off the host's onnxruntime channel block
+    than the teacher (``latency.channel_block`` of the export report, as a dict): they run
+    unblocked, so the CPU speed-up trails the MACs ratio. None otherwise."""
+    if not block or block["student_off"] <= (block.get("teacher_off") or 0):
+        return None
+    teacher = "" if block.get("teacher_off") is None else f"; the teacher: {block['teacher_off']}"
+    return (f"student: {block['student_off']} of {block['convolutions']} convolutions have output widths that are "
+            f"not a multiple of {block['channels']}, the channel block of onnxruntime's CPU convolutions on this "
+            f"host ({block['isa']}{teacher}); they run unblocked, with reorders around them, so the CPU speed-up "
+            f"trails the MACs ratio (prune.round_to: {block['channels']} keeps every width on the block, "
+            "with fewer widths to choose from)")
+
+
 # -------------------------------------------------------------------------------------- terminal
 
 def summary_table(report: ExportReport):

@@ -161,6 +161,15 @@ class LatencyStats(_Strict):
 ByModel = dict[str, Annotated[dict[BatchSize, LatencyStats], _OnlyPatternKeys()]]  # model ("teacher"/"student"/"student_int8") → batch size → stats
 
 
+class ChannelBlock(_Strict):
+    channels: int = Field(description="the block of channels onnxruntime's CPU convolutions work in on this host "
+                                      "(its NCHWc layout: 16 with AVX-512, 8 with AVX2)")
+    isa: str = Field(description="the instruction set that decides it (AVX-512, AVX2)")
+    convolutions: int = Field(description="the student's convolutions")
+    student_off: int = Field(description="student convolutions whose output channels are not a multiple of the block")
+    teacher_off: Optional[int] = Field(description="the same count for the teacher; null without one")
+
+
 class Latency(_Strict):
     batch_sizes: list[int]
     time_budget_s: float = Field(description="timing budget per batch size, shared by the models")
@@ -168,6 +177,9 @@ class Latency(_Strict):
     onnxruntime: dict[str, ByModel] = Field(description="provider → model → batch size → stats")
     pytorch: ByModel = Field(description="PyTorch eager, for reference")
     speedup: dict[str, Annotated[dict[BatchSize, float], _OnlyPatternKeys()]] = Field(description="provider → batch size → teacher / student median")
+    channel_block: Optional[ChannelBlock] = Field(None, description=(
+        "the host's onnxruntime channel block and the convolutions off it; null where the block is not "
+        "known (not x86, neither AVX2 nor AVX-512; absent from earlier reports)"))
 
     def table(self, provider: str | None = None) -> ByModel:
         """The onnxruntime table of ``provider`` (default: the primary one); {} when not measured."""
