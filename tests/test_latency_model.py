@@ -209,15 +209,79 @@ def test_the_measured_allocation_ranks_by_damage_per_millisecond_measured_in_con
     now = whole({"m": model}, (3, 8, 8), 16)["m"]["median_ms"]
     a_ms = LatencyModel(model, ex, LatencyTable(None, timer=mac_clock), 16).layer_ms(layer_calls(model, ex)[0])
     aim = 10.0 * (1 - 0.3 * a_ms / now)  # 30 % of the 3×3 branch's share of the time
-    res = _Sensitivity(p, p.score(), model, batches, ratios).for_latency(10.0, aim, None, 16)
+    res = _Sensitivity(p, p.score(), model, batches, ratios).by_damage_per_ms(10.0, aim, None, 16)
     assert res.predicted_ms <= aim and res.aim_ms == aim and res.before_ms == pytest.approx(10.0)
     assert res.plan.get("a") and not res.plan.get("b"), res.plan
     assert res.measured > 0 and "whole-model timings" in res.how
 
     p = StructuredPruner(model, ex)  # a MACs aim beside the latency aim: both hold
-    res = _Sensitivity(p, p.score(), model, batches, ratios).for_latency(10.0, 9.99, 0.6 * total, 16)
+    res = _Sensitivity(p, p.score(), model, batches, ratios).by_damage_per_ms(10.0, 9.99, 0.6 * total, 16)
     assert res.predicted_ms <= 9.99 and p.plan_macs(res.plan) <= 0.6 * total
     assert count_macs_params(model, ex)[0] == total  # the model is left as it was
+
+
+def test_the_measured_allocation_bisects_its_macs_aim_on_whole_model_timings(monkeypatch):
+    """by_damage_per_mac: the damage-per-MAC plan for the largest MACs aim whose plan, timed
+    whole, runs under the latency aim: it lands under the aim and near it (a bisection of the
+    MACs, not the first guess), within BISECTIONS timings, and under a MACs aim given beside it."""
+    from kdcli.dkdp.compress import _Sensitivity
+    from kdcli.dkdp.speed import BISECTIONS
+    from kdcli.prune.pruner import count_macs_params
+
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    model.b = nn.Conv2d(3, 16, 3, padding=1)
+    ex = torch.zeros(1, 3, 8, 8)
+    measure = _whole_model_clock(monkeypatch, mac_clock)
+    batches = [(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))]
+    ratios = [0.125 * i for i in range(1, 8)]
+    total = count_macs_params(model, ex)[0]
+    now = measure({"m": model}, (3, 8, 8), 16)["m"]["median_ms"]
+    for aim in (0.8 * now, 0.55 * now):
+        p = StructuredPruner(model, ex)
+        res = _Sensitivity(p, p.score(), model, batches, ratios).by_damage_per_mac(now, aim, None, 16)
+        assert res.predicted_ms <= aim, (res.predicted_ms, aim)
+        # the least cut under the aim: one channel (of either branch) back would time over it
+        assert res.predicted_ms >= aim - 0.1 * now, (res.predicted_ms, aim)
+        assert 1 <= res.measured <= BISECTIONS and res.how.startswith("damage per MAC")
+    p = StructuredPruner(model, ex)
+    res = _Sensitivity(p, p.score(), model, batches, ratios).by_damage_per_mac(now, 0.9 * now, 0.5 * total, 16)
+    assert p.plan_macs(res.plan) <= 0.5 * total and res.predicted_ms <= 0.9 * now
+    assert count_macs_params(model, ex)[0] == total  # the model is left as it was
+
+
+def test_under_a_speed_aim_the_candidate_that_shifts_the_outputs_less_is_kept(monkeypatch):
+    """for_latency times two plans whole, damage per millisecond and damage per MAC, and keeps
+    the one whose combined plan shifts the outputs less among those under the aim: here each
+    candidate in turn is made the one that cuts the branch the head reads, and the other wins;
+    a candidate over the aim loses to one under it however little it shifts the outputs."""
+    import kdcli.dkdp.compress as C
+    from kdcli.export.latency_model import LatencyPlan
+
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    model.b = nn.Conv2d(3, 16, 3, padding=1)
+    with torch.no_grad():
+        model.fc.weight[:, 16:] *= 1e-3
+    ex = torch.zeros(1, 3, 8, 8)
+    _whole_model_clock(monkeypatch, mac_clock)
+    batches = [(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))]
+    cut = {"a": list(range(12)), "b": list(range(12))}
+
+    def fixed(group: str, ms: float, how: str):
+        return lambda self, now, aim, *a, **k: LatencyPlan({group: cut[group]}, 0.0, now, ms, aim, 3, f"{how}: fixed")
+
+    for bad, good in (("by_damage_per_ms", "by_damage_per_mac"), ("by_damage_per_mac", "by_damage_per_ms")):
+        monkeypatch.setattr(C._Sensitivity, bad, fixed("a", 0.5, bad))
+        monkeypatch.setattr(C._Sensitivity, good, fixed("b", 0.5, good))
+        p = StructuredPruner(model, ex)
+        res = C._Sensitivity(p, p.score(), model, batches, [0.5]).for_latency(1.0, 0.6, None, 16)
+        assert res.plan == {"b": cut["b"]} and res.how.startswith(good) and res.measured == 6, res.how
+        assert f"by {bad}" in res.how and "output KL" in res.how
+        # the less damaging candidate times over the aim: the other is kept
+        monkeypatch.setattr(C._Sensitivity, good, fixed("b", 0.7, good))
+        res = C._Sensitivity(p, p.score(), model, batches, [0.5]).for_latency(1.0, 0.6, None, 16)
+        assert res.plan == {"a": cut["a"]}, res.how
 
 
 def test_under_a_latency_aim_measured_damage_decides_not_magnitude(monkeypatch):
@@ -240,7 +304,7 @@ def test_under_a_latency_aim_measured_damage_decides_not_magnitude(monkeypatch):
         lm = LatencyModel(model, ex, LatencyTable(None, timer=mac_clock), batch_size=16)
         lm.calibrate(1.0)
         res = (plan_for_latency(p, p.score(), 0.8, lm) if how == "halp"
-               else _Sensitivity(p, p.score(), model, batches, [0.125 * i for i in range(1, 8)]).for_latency(1.0, 0.8, None, 16))
+               else _Sensitivity(p, p.score(), model, batches, [0.125 * i for i in range(1, 8)]).by_damage_per_ms(1.0, 0.8, None, 16))
         assert res.predicted_ms <= 0.8
         plans[how] = res.plan
     assert plans["halp"].get("a") and plans["halp"].get("b"), plans

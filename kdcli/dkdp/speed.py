@@ -33,6 +33,7 @@ MARGIN = 0.03  # a step that aims at the target aims this much under it: the fin
 TIME_BUDGET_S = 1.0  # seconds of timed runs per measurement in the loop (the export report takes its own)
 NOISE_CAP = 0.10  # the most the loop's latency is raised for its measurement noise
 CONTEXT_BUDGET_S = 0.3  # seconds of timed runs per whole-model timing of a candidate plan
+BISECTIONS = 7  # whole-model timings at most while bisecting a MACs aim for a latency aim
 CORRECTIONS = 3  # times a table's plan that timed over its aim is planned again for a corrected aim
 
 
