@@ -181,6 +181,19 @@ def _whole_model_clock(monkeypatch, timer) -> Callable:
     return measure_models
 
 
+def _equal_branches(monkeypatch):
+    """_Branches with two 3×3 branches of equal time, the head hardly reading b; whole-model
+    timings by MACs. Returns (model, example input, score batches)."""
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    model.b = nn.Conv2d(3, 16, 3, padding=1)
+    with torch.no_grad():
+        model.fc.weight[:, 16:] *= 1e-3
+    _whole_model_clock(monkeypatch, mac_clock)
+    batches = [(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))]
+    return model, torch.zeros(1, 3, 8, 8), batches
+
+
 def test_the_measured_allocation_ranks_by_damage_per_millisecond_measured_in_context(monkeypatch):
     """allocation: sensitivity with a speed target. The whole model, timed, costs the 1×1
     branch b the same at any width (a layer table charging by MACs would say cutting it saves
@@ -258,14 +271,7 @@ def test_under_a_speed_aim_the_candidate_that_shifts_the_outputs_less_is_kept(mo
     import kdcli.dkdp.compress as C
     from kdcli.export.latency_model import LatencyPlan
 
-    torch.manual_seed(0)
-    model = _Branches().eval()
-    model.b = nn.Conv2d(3, 16, 3, padding=1)
-    with torch.no_grad():
-        model.fc.weight[:, 16:] *= 1e-3
-    ex = torch.zeros(1, 3, 8, 8)
-    _whole_model_clock(monkeypatch, mac_clock)
-    batches = [(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))]
+    model, ex, batches = _equal_branches(monkeypatch)
     cut = {"a": list(range(12)), "b": list(range(12))}
 
     def fixed(group: str, ms: float, how: str):
@@ -290,14 +296,7 @@ def test_under_a_latency_aim_measured_damage_decides_not_magnitude(monkeypatch):
     allocation (damage per millisecond) cuts only b. Both land under the aim."""
     from kdcli.dkdp.compress import _Sensitivity
 
-    torch.manual_seed(0)
-    model = _Branches().eval()
-    model.b = nn.Conv2d(3, 16, 3, padding=1)
-    with torch.no_grad():
-        model.fc.weight[:, 16:] *= 1e-3
-    ex = torch.zeros(1, 3, 8, 8)
-    _whole_model_clock(monkeypatch, mac_clock)
-    batches = [(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))]
+    model, ex, batches = _equal_branches(monkeypatch)
     plans = {}
     for how in ("halp", "measured"):
         p = StructuredPruner(model, ex)
