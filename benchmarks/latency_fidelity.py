@@ -11,8 +11,11 @@ onnxruntime (CPU, ``--threads``, batch ``--batch``), several plans are made on t
 - ``table``: HALP's greedy on the layer table for the speed-up aim (``--speedup``), no correction;
 - ``table-corrected``: the same, timed whole and planned again where it missed (what a step of
   ``compress`` with a speed target and the global or uniform allocation does now);
-- ``measured``: the measured allocation for the same aim, candidates timed whole (what
-  ``allocation: sensitivity`` with a speed target does now).
+- ``measured``: the measured allocation for the same aim (what ``allocation: sensitivity``
+  with a speed target does now): of the two plans below, both timed whole, the one with the
+  smaller output KL among those under the aim;
+- ``measured-per-ms``: damage per millisecond, each candidate step timed whole (the greedy);
+- ``measured-per-mac``: damage per MAC, its MACs aim bisected on whole-model timings.
 
 For each: the MACs ratio, the speed-up the table predicts (calibrated on the unpruned model, as a
 step calibrates on the student it starts from) and the speed-up timed (the model exported whole,
@@ -111,9 +114,11 @@ def main() -> None:
         step = S.SpeedStep(_target(args, t_ms), Path(run_dir), teacher, (3, 32, 32), 1, 1.0, last=True,
                            threads=threads)
         plans["table-corrected"] = (student, p, lm, step.plan(p, scores, aim_macs=float("inf"))[1])
-    student, p, scores, lm = fresh()
-    plans["measured"] = (student, p, lm, _Sensitivity(p, scores, student, batches, [0.25, 0.5, 0.75]).for_latency(
-        t_ms, aim, None, args.batch, threads).plan)
+    for name, how in (("measured", "for_latency"), ("measured-per-ms", "by_damage_per_ms"),
+                      ("measured-per-mac", "by_damage_per_mac")):
+        student, p, scores, lm = fresh()
+        measured = _Sensitivity(p, scores, student, batches, [0.25, 0.5, 0.75])
+        plans[name] = (student, p, lm, getattr(measured, how)(t_ms, aim, None, args.batch, threads).plan)
 
     rows = {}
     for name, (student, p, lm, plan) in plans.items():

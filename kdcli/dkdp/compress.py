@@ -696,9 +696,10 @@ class _Sensitivity:
         the one that shifts the student's outputs less (KL on the score batches, the combined plan
         measured, not the sum of its groups' shifts) among those that time under the aim (else
         the faster). Neither wins everywhere: where a layer costs MACs but no time the first
-        leaves it whole; on the CIFAR ResNet-20 checkpoint (AVX-512 host, aim 1.6x) the first
-        cut to 0.35 of the MACs at an output KL of 19.9 and the second to 0.36 at 7.7, single-group
-        damages adding up badly over many small steps (README, "Speed on an AVX-512 host")."""
+        leaves it whole; on the CIFAR ResNet-20 checkpoint (AVX-512 host, aim 1.6x) the combined
+        plans' output KL in pretrained_cifar.py's steps was 4.9-10.2 by damage per ms and 3.0-9.1
+        by damage per MAC, the second lower in 4 of 6 steps: single-group damages add up badly
+        over many small steps (README, "Speed targets")."""
         base = copy.deepcopy(self.student).eval()
         found = [self.by_damage_per_ms(now_ms, aim_ms, aim_macs, batch_size, threads, time_budget_s, base),
                  self.by_damage_per_mac(now_ms, aim_ms, aim_macs, batch_size, threads, time_budget_s, base)]
