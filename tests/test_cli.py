@@ -177,3 +177,18 @@ def test_shell_completion_is_offered():
     env = {**os.environ, "_KDCLI_COMPLETE": "complete_bash", "COMP_WORDS": "kdcli recipe sh", "COMP_CWORD": "2"}
     res = subprocess.run([str(kdcli_script)], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and res.stdout.split() == ["show"], (res.stdout, res.stderr)
+
+
+def test_export_warns_on_the_terminal_about_widths_off_the_channel_block(quickstart, tmp_path, monkeypatch):
+    """The export report's channel-block warning reaches the terminal, not only report.md."""
+    run, _ = quickstart
+    block = {"channels": 16, "isa": "AVX-512", "convolutions": 5, "student_off": 3, "teacher_off": 0}
+    monkeypatch.setattr("kdcli.export.onnx._channel_block", lambda student, teacher: block)
+    res = invoke("export", run / "student.kdc", "--teacher", run / "teacher.kdc", "--out", tmp_path / "exp",
+                 "--batch-sizes", "1")
+    assert res.exit_code == 0, res.output
+    assert "warning: student: 3 of 5 convolutions have output widths that are not a multiple of 16" in res.output
+    monkeypatch.setattr("kdcli.export.onnx._channel_block", lambda student, teacher: {**block, "student_off": 0})
+    res = invoke("export", run / "student.kdc", "--teacher", run / "teacher.kdc", "--out", tmp_path / "aligned",
+                 "--batch-sizes", "1")
+    assert res.exit_code == 0 and "channel block" not in res.output, res.output
