@@ -185,9 +185,7 @@ def test_parse_recipe_random_text(text, sets):
 
 # ----------------------------------------------------------------------------- model files
 
-import io  # noqa: E402 - the loader fuzzing below is its own section
-
-import torch  # noqa: E402
+import torch  # noqa: E402 - the loader fuzzing below is its own section
 
 from kdcli.models.file import load_model_file, read_state_dict, save_model_file  # noqa: E402
 from kdcli.errors import InputError  # noqa: E402
