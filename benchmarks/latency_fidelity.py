@@ -40,7 +40,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._common import DATA, emit, load_average, log, setup_threads  # noqa: E402
@@ -48,8 +47,9 @@ from benchmarks.pretrained_cifar import MEAN, STD, load_pretrained  # noqa: E402
 
 
 def _images(n: int) -> torch.Tensor:
-    raw = np.fromfile(DATA / "cifar10" / "data_batch_1.bin", dtype=np.uint8).reshape(-1, 3073)[:n]
-    x = torch.tensor(raw[:, 1:].reshape(-1, 3, 32, 32) / 255.0, dtype=torch.float32)
+    from kdcli.data.sources import read_cifar10_bin
+
+    x = read_cifar10_bin([DATA / "cifar10" / "data_batch_1.bin"]).x[:n].float() / 255.0
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 

@@ -241,12 +241,8 @@ def test_the_measured_allocation_bisects_its_macs_aim_on_whole_model_timings(mon
     from kdcli.dkdp.speed import BISECTIONS
     from kdcli.prune.pruner import count_macs_params
 
-    torch.manual_seed(0)
-    model = _Branches().eval()
-    model.b = nn.Conv2d(3, 16, 3, padding=1)
-    ex = torch.zeros(1, 3, 8, 8)
-    measure = _whole_model_clock(monkeypatch, mac_clock)
-    batches = [(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))]
+    model, ex, batches = _equal_branches(monkeypatch)
+    measure = LM.measure_models  # the whole-model clock _equal_branches put in place
     ratios = [0.125 * i for i in range(1, 8)]
     total = count_macs_params(model, ex)[0]
     now = measure({"m": model}, (3, 8, 8), 16)["m"]["median_ms"]
@@ -507,9 +503,9 @@ def test_a_speedup_target_drives_the_loop_on_the_lookup_table(tmp_path, monkeypa
     assert all(key.endswith("; 1 threads") for key in table), list(table)
 
 
-def test_a_speed_target_with_the_measured_allocation_plans_on_damage_per_millisecond(tmp_path, monkeypatch):
+def test_a_speed_target_with_the_measured_allocation_plans_on_measured_damage(tmp_path, monkeypatch):
     """allocation: sensitivity beside a speed-up and a MACs target: every step's plan is the
-    measured allocation's latency plan (not HALP's), and the run meets both targets."""
+    measured allocation's latency plan (for_latency, not HALP's), and the run meets both targets."""
     import kdcli.dkdp.compress as C
 
     _fake_clocks(monkeypatch)

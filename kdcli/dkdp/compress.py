@@ -604,7 +604,7 @@ def _prune_step(recipe, student, example, data, device, aim_macs, k, reporter, f
         pruner.prune_ratios(ratios, scores)
         return None, pruner.history()
     measured = _Sensitivity(pruner, scores, student, batches, recipe.prune.sensitivity_ratios) if sensitive else None
-    if speed is not None:  # a latency target: importance per ms on the lookup table, or measured damage per ms timed
+    if speed is not None:  # a latency target: importance per ms on the lookup table, or measured damage, timed whole
         macs_aim = aim_macs if recipe.target.macs is not None else None
         tau, plan = speed.plan(pruner, scores, aim_macs, failed_macs, reporter, k,
                                planner=(lambda now_ms, aim_ms: measured.for_latency(
@@ -642,8 +642,9 @@ class _Sensitivity:
     one forward pass over the score batches per group and distinct ratio.
 
     The cost is MACs (:meth:`for_macs`) or, for a latency or speed-up target, the latency of
-    each candidate timed whole (:meth:`for_latency`: damage per millisecond saved, with the MACs
-    aim as a second condition when the target has one). Layers do not cost per MAC (onnxruntime's
+    candidate plans timed whole (:meth:`for_latency`: of a plan by damage per millisecond saved
+    and one by damage per MAC, the one that shifts the outputs less, with the MACs aim as a
+    second condition when the target has one). Layers do not cost per MAC (onnxruntime's
     convolutions at full resolution and few channels run slower per MAC than narrow late ones,
     and widths below the kernels' channel block run on another path), so the two can choose
     different structures for the same MACs."""
@@ -655,6 +656,7 @@ class _Sensitivity:
             student.eval()
             self.reference = [torch.log_softmax(first_tensor(student(x)).float(), dim=1) for x in self.inputs]
         self._measured: dict | None = None
+        self.total_macs = count_macs_params(student, pruner.example)[0]  # the student as it is (plans are trials)
 
     def _negative_damage(self) -> float:
         total = 0.0
@@ -680,8 +682,7 @@ class _Sensitivity:
         """(predicted damage, plan) at or just under ``aim_macs``."""
         pruner, scores = self.pruner, self.scores
         curves = self._curves()
-        total = count_macs_params(self.student, pruner.example)[0]
-        suggestion = suggest_ratios(curves, baseline_accuracy=0.0, total_macs=total, target_macs=float(aim_macs),
+        suggestion = suggest_ratios(curves, baseline_accuracy=0.0, total_macs=self.total_macs, target_macs=float(aim_macs),
                                     macs_of=lambda r: pruner.plan_macs(pruner.plan_ratios(r, scores)))
         plan = pruner.plan_ratios(suggestion["ratios"], scores)
         plan = (pruner.fill_to_macs(scores, plan, aim_macs) if pruner.plan_macs(plan) <= aim_macs
@@ -726,7 +727,7 @@ class _Sensitivity:
         channel block), so the least cut that timed under the aim is kept, else the fastest."""
         pruner = self.pruner
         base = base if base is not None else copy.deepcopy(self.student).eval()
-        total = float(count_macs_params(self.student, pruner.example)[0])
+        total = float(self.total_macs)
         goal = float(aim_ms) / now_ms if now_ms > 0 else 1.0
         lo, hi = 0.0, total if aim_macs is None else min(float(aim_macs), total)
         macs = min(hi, total * goal)

@@ -129,8 +129,8 @@ class SpeedStep:
         then, with a MACs target too, blocks taken away until the MACs aim holds; a retry after
         an undone attempt (``failed_macs``) aims higher until its plan cuts less. ``planner(now_ms,
         aim_ms)`` chooses the plan from the student's measured latency (compress passes the
-        measured allocation's, damage per millisecond timed whole, for ``allocation:
-        sensitivity``); without one, :func:`~kdcli.export.latency_model.plan_for_latency` on the
+        measured allocation's :meth:`~kdcli.dkdp.compress._Sensitivity.for_latency`, candidate
+        plans timed whole, for ``allocation: sensitivity``); without one, :func:`~kdcli.export.latency_model.plan_for_latency` on the
         lookup table (importance per millisecond), its plan timed whole and planned again where
         it misses the aim (up to ``CORRECTIONS`` times).
         ``for_macs()``: the plan of a step that serves a MACs target only, the latency target
